@@ -1,0 +1,325 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+)
+
+// Validate checks the whole configuration and returns every problem it
+// finds (joined), each pinned to file, line and key. It is the one
+// validation path: `portcullis check`, file reloads and admin mutations
+// (validated against the would-be effective config) all call it.
+func (c *Config) Validate() error {
+	v := validator{c: c}
+	v.top()
+	v.firewall()
+	names := map[string]string{}
+	addrs := map[string]string{}
+	for i := range c.Listeners {
+		key := fmt.Sprintf("listener[%d]", i)
+		l := &c.Listeners[i]
+		v.listener(key, l)
+		if l.Name != "" {
+			if prev, ok := names[l.Name]; ok {
+				v.errf(key+".name", "duplicate listener name %q (first at %s)", l.Name, v.where(prev))
+			} else {
+				names[l.Name] = key + ".name"
+			}
+		}
+		if a, err := canonicalHostPort(l.Listen); err == nil {
+			if prev, ok := addrs[a]; ok {
+				v.errf(key+".listen", "duplicate listen address %q (first at %s)", l.Listen, v.where(prev))
+			} else {
+				addrs[a] = key + ".listen"
+			}
+		}
+	}
+	return errors.Join(v.errs...)
+}
+
+type validator struct {
+	c    *Config
+	errs []error
+}
+
+func (v *validator) errf(key, format string, args ...any) {
+	v.errs = append(v.errs, v.c.KeyError(key, fmt.Errorf(format, args...)))
+}
+
+// where describes the place of an earlier key for "duplicate" messages.
+func (v *validator) where(key string) string {
+	if n := v.c.Line(key); n > 0 {
+		return "line " + strconv.Itoa(n)
+	}
+	return key
+}
+
+func (v *validator) top() {
+	c := v.c
+	if c.ShutdownGrace < 0 {
+		v.errf("shutdown_grace", "must not be negative")
+	}
+	a := c.Admin
+	if a.Listen != "" {
+		if _, err := canonicalHostPort(a.Listen); err != nil {
+			v.errf("admin.listen", "%v", err)
+		}
+		if a.TLSCert == "" || a.TLSKey == "" {
+			v.errf("admin.listen", "a TCP admin listener requires tls_cert and tls_key (plaintext TCP is refused)")
+		}
+	}
+	if (a.TLSCert == "") != (a.TLSKey == "") {
+		v.errf("admin.tls_cert", "tls_cert and tls_key go together")
+	}
+	if a.ClientCA != "" && a.Listen == "" {
+		v.errf("admin.client_ca", "client_ca needs admin.listen")
+	}
+	if c.Metrics.Listen != "" {
+		if _, err := canonicalHostPort(c.Metrics.Listen); err != nil {
+			v.errf("metrics.listen", "%v", err)
+		}
+	}
+}
+
+func (v *validator) firewall() {
+	f := v.c.Firewall
+	for i, b := range f.Block {
+		if _, err := ParsePrefix(b); err != nil {
+			v.errf(fmt.Sprintf("firewall.block[%d]", i), "%v", err)
+		}
+	}
+	for i, cc := range f.BlockCountries {
+		if !validCountry(cc) {
+			v.errf(fmt.Sprintf("firewall.block_countries[%d]", i), "%q is not an ISO 3166-1 alpha-2 country code", cc)
+		}
+	}
+	if len(f.BlockCountries) > 0 && v.c.GeoIP.Database == "" {
+		v.errf("firewall.block_countries", "needs [geoip] database")
+	}
+	if rl := f.RateLimit; rl != nil {
+		if rl.Connections <= 0 {
+			v.errf("firewall.rate_limit.connections", "must be positive")
+		}
+		if rl.Window <= 0 {
+			v.errf("firewall.rate_limit.window", "must be positive")
+		}
+		if rl.MaxSources < 0 {
+			v.errf("firewall.rate_limit.max_sources", "must not be negative")
+		}
+	}
+}
+
+func (v *validator) listener(key string, l *Listener) {
+	if l.Name == "" {
+		v.errf(key+".name", "required")
+	}
+	if _, err := canonicalHostPort(l.Listen); err != nil {
+		v.errf(key+".listen", "%v", err)
+	}
+	for i, p := range l.ProxyProtocolTrusted {
+		if _, err := ParsePrefix(p); err != nil {
+			v.errf(fmt.Sprintf("%s.proxy_protocol_trusted[%d]", key, i), "%v", err)
+		}
+	}
+	if l.ProxyProtocol && len(l.ProxyProtocolTrusted) == 0 {
+		v.errf(key+".proxy_protocol_trusted", "proxy_protocol = true needs at least one trusted sender")
+	}
+	for i, p := range l.ForwardedTrusted {
+		if _, err := ParsePrefix(p); err != nil {
+			v.errf(fmt.Sprintf("%s.forwarded_trusted[%d]", key, i), "%v", err)
+		}
+	}
+	if l.MaxConnections < 0 {
+		v.errf(key+".max_connections", "must not be negative (0 means unlimited)")
+	}
+	for _, d := range []struct {
+		name string
+		val  Duration
+	}{{"handshake_timeout", l.HandshakeTimeout}, {"idle_timeout", l.IdleTimeout}, {"dial_timeout", l.DialTimeout}} {
+		if d.val < 0 {
+			v.errf(key+"."+d.name, "must not be negative")
+		}
+	}
+	snis := map[string]string{}
+	for i := range l.Routes {
+		rkey := fmt.Sprintf("%s.route[%d]", key, i)
+		r := &l.Routes[i]
+		if err := r.Validate(); err != nil {
+			var fe *fieldError
+			if errors.As(err, &fe) {
+				v.errf(rkey+"."+fe.field, "%v", fe.err)
+			} else {
+				v.errf(rkey, "%v", err)
+			}
+		}
+		if r.SNI == "" {
+			continue
+		}
+		if prev, ok := snis[r.SNI]; ok {
+			v.errf(rkey+".sni", "duplicate sni %q (first at %s)", r.SNI, v.where(prev))
+		} else {
+			snis[r.SNI] = rkey + ".sni"
+		}
+	}
+}
+
+// fieldError names the route field a route-level error is about.
+type fieldError struct {
+	field string
+	err   error
+}
+
+func (e *fieldError) Error() string { return e.field + ": " + e.err.Error() }
+func (e *fieldError) Unwrap() error { return e.err }
+
+// Field reports which route key err is about ("" when it names none).
+// The admin API uses it to fill InvalidArgument details.
+func Field(err error) string {
+	var fe *fieldError
+	if errors.As(err, &fe) {
+		return fe.field
+	}
+	var ce *Error
+	if errors.As(err, &ce) {
+		return ce.Key
+	}
+	return ""
+}
+
+func fieldErr(field, format string, args ...any) error {
+	return &fieldError{field: field, err: fmt.Errorf(format, args...)}
+}
+
+// Validate checks one route on its own (defaults applied). It does not
+// load certificates: that happens when the route is compiled.
+func (r *Route) Validate() error {
+	if err := ValidateSNI(r.SNI); err != nil {
+		return &fieldError{field: "sni", err: err}
+	}
+	if _, err := canonicalHostPort(r.Backend); err != nil {
+		return &fieldError{field: "backend", err: err}
+	}
+	switch r.Mode {
+	case ModeL4:
+		for _, f := range []struct{ name, val string }{
+			{"tls_cert", r.TLSCert}, {"tls_key", r.TLSKey}, {"backend_protocol", r.BackendProtocol},
+			{"backend_ca", r.BackendCA}, {"backend_server_name", r.BackendServerName},
+		} {
+			if f.val != "" {
+				return fieldErr(f.name, "only applies to mode = \"l7\"")
+			}
+		}
+		if r.ResponseTimeout != 0 {
+			return fieldErr("response_timeout", "only applies to mode = \"l7\"")
+		}
+	case ModeL7:
+		if r.TLSCert == "" {
+			return fieldErr("tls_cert", "required for mode = \"l7\"")
+		}
+		if r.TLSKey == "" {
+			return fieldErr("tls_key", "required for mode = \"l7\"")
+		}
+		if r.ResponseTimeout < 0 {
+			return fieldErr("response_timeout", "must not be negative")
+		}
+		switch r.BackendProtocol {
+		case BackendH2C, BackendHTTP1:
+			if r.BackendCA != "" || r.BackendServerName != "" {
+				return fieldErr("backend_ca", "only applies to TLS backends (h2, https1)")
+			}
+		case BackendH2, BackendHTTPS1:
+		default:
+			return fieldErr("backend_protocol", "%q is not one of h2c, h2, http1, https1", r.BackendProtocol)
+		}
+	default:
+		return fieldErr("mode", "%q is not l4 or l7", r.Mode)
+	}
+	return nil
+}
+
+// ValidateSNI accepts "*" (the default route), "*.example.com" (one
+// label wildcard) and plain host names, already normalised.
+func ValidateSNI(s string) error {
+	switch {
+	case s == "":
+		return errors.New("required")
+	case s == "*":
+		return nil
+	case strings.HasPrefix(s, "*."):
+		s = s[2:]
+	}
+	if len(s) > 253 {
+		return fmt.Errorf("host name longer than 253 bytes")
+	}
+	for _, label := range strings.Split(s, ".") {
+		if label == "" || len(label) > 63 {
+			return fmt.Errorf("%q is not a valid host name (empty or over-long label)", s)
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+				return fmt.Errorf("%q is not a valid host name or *.suffix wildcard", s)
+			}
+		}
+	}
+	return nil
+}
+
+// ParsePrefix reads an address ("192.0.2.1", "2001:db8::1") as a
+// single-address prefix, or a CIDR ("192.0.2.0/24"). 4-in-6 addresses
+// are unmapped so they match IPv4 clients.
+func ParsePrefix(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("%q is not an address or CIDR", s)
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%q is not an address or CIDR", s)
+	}
+	a = a.Unmap()
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+func validCountry(cc string) bool {
+	if len(cc) != 2 {
+		return false
+	}
+	for i := 0; i < 2; i++ {
+		c := cc[i] | 0x20 // lower-case ASCII letters
+		if c < 'a' || c > 'z' {
+			return false
+		}
+	}
+	return true
+}
+
+// canonicalHostPort checks a host:port and returns it in a canonical form
+// so ":443" and "[::]:443" style duplicates are caught as the same string.
+func canonicalHostPort(s string) (string, error) {
+	if s == "" {
+		return "", errors.New("required (host:port)")
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return "", fmt.Errorf("%q is not host:port", s)
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return "", fmt.Errorf("%q: port %q is not a number from 0 to 65535", s, port)
+	}
+	if a, err := netip.ParseAddr(host); err == nil {
+		host = a.Unmap().String()
+	}
+	return net.JoinHostPort(strings.ToLower(host), strconv.FormatUint(n, 10)), nil
+}
