@@ -87,6 +87,7 @@ func TestErrorsNameFileLineKey(t *testing.T) {
 		{"negative max", base + "max_connections = -1\n", "p.toml:4: listener[0].max_connections: must not be negative"},
 		{"negative timeout", base + "idle_timeout = \"-1s\"\n", "p.toml:4: listener[0].idle_timeout: must not be negative"},
 		{"bad cidr", "[firewall]\nblock = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]\n", "p.toml:4: firewall.block[1]"},
+		{"host bits", "[firewall]\nblock = [\"10.0.0.1/8\"]\n", "p.toml:2: firewall.block[0]: \"10.0.0.1/8\" has host bits set (did you mean \"10.0.0.0/8\"?)"},
 		{"countries without geoip", "[firewall]\nblock_countries = [\"KP\"]\n", "p.toml:2: firewall.block_countries: needs [geoip] database"},
 		{"bad country", "[geoip]\ndatabase = \"x.mmdb\"\n[firewall]\nblock_countries = [\"KPX\"]\n", "p.toml:4: firewall.block_countries[0]"},
 		{"plaintext admin", "[admin]\nlisten = \"127.0.0.1:7443\"\n", "p.toml:2: admin.listen: a TCP admin listener requires tls_cert and tls_key"},

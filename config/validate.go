@@ -101,8 +101,8 @@ func (v *validator) firewall() {
 		v.errf("firewall.block_countries", "needs [geoip] database")
 	}
 	if rl := f.RateLimit; rl != nil {
-		if rl.Connections <= 0 {
-			v.errf("firewall.rate_limit.connections", "must be positive")
+		if rl.Connections <= 0 || rl.Connections > 65535 {
+			v.errf("firewall.rate_limit.connections", "must be between 1 and 65535")
 		}
 		if rl.Window <= 0 {
 			v.errf("firewall.rate_limit.window", "must be positive")
@@ -281,7 +281,10 @@ func ParsePrefix(s string) (netip.Prefix, error) {
 		if p.Addr().Is4In6() && p.Bits() >= 96 {
 			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 		}
-		return p.Masked(), nil
+		if m := p.Masked(); m != p {
+			return netip.Prefix{}, fmt.Errorf("%q has host bits set (did you mean %q?)", s, m.String())
+		}
+		return p, nil
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil {
