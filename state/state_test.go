@@ -354,7 +354,7 @@ func TestFirewallOverrides(t *testing.T) {
 	for _, p := range []FirewallOverride{
 		{Value: "198.51.100.7", Actor: "a"},
 		{Value: "2001:db8:bad::/48", Remove: true, Actor: "b"},
-		{Value: "192.0.2.77/24", Actor: "c"},         // stored masked
+		{Value: "192.0.2.0/24", Actor: "c"},
 		{Value: "::ffff:198.51.100.7", Remove: true}, // same key as the first: upsert
 	} {
 		if err := s.PutFirewall(ctx, p); err != nil {
