@@ -1,0 +1,273 @@
+package l7
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"github.com/portcullis/portcullis/proxyproto"
+)
+
+// backendTransport is what both http.Transport and http2.Transport offer.
+type backendTransport interface {
+	http.RoundTripper
+	CloseIdleConnections()
+}
+
+type dialFunc func(ctx context.Context) (net.Conn, error)
+
+// newTransport builds the transport for h's backend protocol around dial,
+// which returns a plain TCP connection (with any PROXY header already
+// written). TLS, when the protocol has it, is layered on top here so the
+// PROXY header precedes the TLS handshake on the wire.
+func (h *Handler) newTransport(dial dialFunc) backendTransport {
+	switch h.protocol {
+	case protoH2C, protoH2:
+		t := &http2.Transport{
+			// The client's own Accept-Encoding passes through; the
+			// proxy must not add gzip and then decode it again.
+			DisableCompression: true,
+			IdleConnTimeout:    backendIdleTimeout,
+			// Ping a backend connection that has been silent this long,
+			// so a dead one (lost without a FIN) is noticed and does not
+			// swallow every new stream.
+			ReadIdleTimeout: 30 * time.Second,
+			PingTimeout:     15 * time.Second,
+		}
+		if h.protocol == protoH2C {
+			// AllowHTTP lets http:// URLs through; DialTLSContext is
+			// the only dial hook http2.Transport has, so it dials plain
+			// TCP here (prior-knowledge h2c, RFC 9113 section 3.3).
+			t.AllowHTTP = true
+			t.DialTLSContext = func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
+				return dial(ctx)
+			}
+		} else {
+			t.TLSClientConfig = h.backendTLS
+			t.DialTLSContext = func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
+				return h.dialTLS(ctx, dial)
+			}
+		}
+		return t
+	default: // http1, https1
+		t := &http.Transport{
+			// Proxy stays nil: HTTP_PROXY from the daemon's environment
+			// must not redirect backend traffic.
+			DisableCompression: true,
+			// The default of 2 would make every burst above two
+			// concurrent requests open and then drop connections.
+			MaxIdleConnsPerHost:    100,
+			IdleConnTimeout:        backendIdleTimeout,
+			MaxResponseHeaderBytes: 1 << 20,
+			Protocols:              new(http.Protocols),
+		}
+		t.Protocols.SetHTTP1(true)
+		if h.protocol == protoHTTP1 {
+			t.DialContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return dial(ctx)
+			}
+		} else {
+			t.TLSClientConfig = h.backendTLS
+			t.DialTLSContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return h.dialTLS(ctx, dial)
+			}
+		}
+		return t
+	}
+}
+
+// connectError is a failure to establish a backend connection: the
+// request never reached the backend, so it is reported as unreachable.
+type connectError struct {
+	op  string // "dial", "proxy header", "tls handshake"
+	err error
+}
+
+func (e *connectError) Error() string { return "backend " + e.op + ": " + e.err.Error() }
+func (e *connectError) Unwrap() error { return e.err }
+
+// dialBackend dials the backend over TCP.
+func (h *Handler) dialBackend(ctx context.Context) (net.Conn, error) {
+	c, err := h.dialer.DialContext(ctx, "tcp", h.backend)
+	if err != nil {
+		return nil, &connectError{op: "dial", err: err}
+	}
+	return c, nil
+}
+
+// dialTLS dials with dial and runs the TLS handshake on top.
+func (h *Handler) dialTLS(ctx context.Context, dial dialFunc) (net.Conn, error) {
+	raw, err := dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, h.dialTimeout)
+	defer cancel()
+	tc := tls.Client(raw, h.backendTLS)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, &connectError{op: "tls handshake", err: err}
+	}
+	// A backend that ignores ALPN would get HTTP/2 frames it cannot
+	// parse; say why instead.
+	if want := h.backendTLS.NextProtos[0]; want == "h2" && tc.ConnectionState().NegotiatedProtocol != want {
+		raw.Close()
+		return nil, &connectError{op: "tls handshake", err: fmt.Errorf("backend did not negotiate ALPN %q", want)}
+	}
+	return tc, nil
+}
+
+// proxyDialer dials backend connections for one client connection and
+// opens each with a PROXY v2 header naming that client. It remembers the
+// connections it made so that they can all be closed when the client
+// connection ends: none may ever carry another client's requests.
+type proxyDialer struct {
+	h  *Handler
+	ci ConnInfo
+
+	mu     sync.Mutex
+	conns  map[*trackedConn]struct{}
+	closed bool
+}
+
+func (d *proxyDialer) dial(ctx context.Context) (net.Conn, error) {
+	c, err := d.h.dialBackend(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// The header must precede everything else on the connection, and be
+	// written at once (proxyproto.WriteV2 does a single Write).
+	c.SetWriteDeadline(time.Now().Add(d.h.dialTimeout))
+	if err := proxyproto.WriteV2(c, d.ci.Client, d.ci.Local, d.ci.SNI); err != nil {
+		c.Close()
+		return nil, &connectError{op: "proxy header", err: err}
+	}
+	c.SetWriteDeadline(time.Time{})
+
+	tc := &trackedConn{Conn: c, d: d}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		// A dial that finished after the client connection did (the
+		// transport may complete dials in the background).
+		c.Close()
+		return nil, &connectError{op: "dial", err: net.ErrClosed}
+	}
+	if d.conns == nil {
+		d.conns = make(map[*trackedConn]struct{})
+	}
+	d.conns[tc] = struct{}{}
+	return tc, nil
+}
+
+// closeAll closes every connection still open and refuses new ones.
+func (d *proxyDialer) closeAll() {
+	d.mu.Lock()
+	d.closed = true
+	conns := d.conns
+	d.conns = nil
+	d.mu.Unlock()
+	for c := range conns {
+		c.Conn.Close()
+	}
+}
+
+type trackedConn struct {
+	net.Conn
+	d *proxyDialer
+}
+
+func (c *trackedConn) Close() error {
+	c.d.mu.Lock()
+	delete(c.d.conns, c)
+	c.d.mu.Unlock()
+	return c.Conn.Close()
+}
+
+// errResponseTimeout is the cause of an outbound request cancelled because
+// the backend sent no response headers within ResponseTimeout.
+var errResponseTimeout = errors.New("no response headers within response timeout")
+
+// roundTripWithTimeout sends req on rt and bounds the wait for response
+// headers by h.responseTimeout. The bound is a cancellation timer on the
+// request's context rather than a context deadline: a deadline would also
+// cut the response body, and a gRPC stream or a download may rightly run
+// far longer than the wait for its headers. Once headers are in, the
+// timer is stopped and the context lives until the body is closed.
+func (h *Handler) roundTripWithTimeout(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
+	ctx, cancel := context.WithCancelCause(req.Context())
+	timer := time.AfterFunc(h.responseTimeout, func() { cancel(errResponseTimeout) })
+	res, err := rt.RoundTrip(req.WithContext(ctx))
+	if !timer.Stop() {
+		// The timer fired first; whatever the transport returned was
+		// cut short by it (or raced it and lost).
+		if err == nil {
+			res.Body.Close()
+		}
+		cancel(nil)
+		return nil, fmt.Errorf("%w (%v)", errResponseTimeout, h.responseTimeout)
+	}
+	if err != nil {
+		cancel(nil)
+		return nil, err
+	}
+	cb := cancelBody{ReadCloser: res.Body, cancel: cancel}
+	if rw, ok := res.Body.(io.ReadWriteCloser); ok {
+		// A 101 Switching Protocols body is the raw connection, and
+		// ReverseProxy needs it writable to relay the upgraded stream.
+		res.Body = &cancelRWBody{cancelBody: cb, w: rw}
+	} else {
+		res.Body = &cb
+	}
+	return res, nil
+}
+
+// cancelBody releases the outbound request's context when the response
+// body is closed (ReverseProxy always closes it).
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelCauseFunc
+}
+
+func (b *cancelBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.cancel(nil)
+	return err
+}
+
+type cancelRWBody struct {
+	cancelBody
+	w io.Writer
+}
+
+func (b *cancelRWBody) Write(p []byte) (int, error) { return b.w.Write(p) }
+
+// logLimiter lets one backend error log line through per interval and
+// counts the rest, so a dead backend under load costs one line a second,
+// not one per request.
+type logLimiter struct {
+	next       atomic.Int64 // unix nanos before which lines are suppressed
+	suppressed atomic.Int64
+}
+
+const logInterval = time.Second
+
+// allow reports whether a line may be logged at now, and how many were
+// suppressed since the last one that was.
+func (l *logLimiter) allow(now time.Time) (ok bool, suppressed int64) {
+	n := l.next.Load()
+	if now.UnixNano() < n || !l.next.CompareAndSwap(n, now.Add(logInterval).UnixNano()) {
+		l.suppressed.Add(1)
+		return false, 0
+	}
+	return true, l.suppressed.Swap(0)
+}

@@ -1,0 +1,275 @@
+// Package l7 terminates TLS for routes with mode = "l7" and reverse-proxies
+// their HTTP requests to one backend over h2c, h2 (TLS), HTTP/1.1 or
+// HTTP/1.1 over TLS.
+//
+// The proxy's accept loop has already read the ClientHello off the socket
+// to route by SNI, so ServeConn takes those bytes and replays them into
+// crypto/tls. One Handler is built per route per config snapshot; its
+// certificate, tls.Config and backend transport are built once and shared
+// by every connection:
+//
+//	m := l7.NewMetrics(reg) // once per process
+//	h, err := l7.NewHandler(l7.Options{
+//		Route:    "public/api.example.com",
+//		CertFile: "/etc/portcullis/api.pem", KeyFile: "/etc/portcullis/api-key.pem",
+//		Backend:  "10.1.0.6:8080", Protocol: "h2c",
+//		Metrics:  m,
+//	})
+//	// per accepted connection, in its own goroutine:
+//	h.ServeConn(ctx, conn, hello, l7.ConnInfo{Client: client, Local: local, SNI: sni})
+//	// when the snapshot is retired:
+//	h.Close()
+//
+// # Forwarding headers
+//
+// Every proxied request carries, towards the backend:
+//
+//   - X-Forwarded-Proto: https (the client always spoke TLS to us).
+//   - X-Forwarded-Host: the Host (or :authority) the client asked for. The
+//     Host header itself is passed through unchanged, so name-based
+//     virtual hosts on the backend keep working.
+//   - X-Forwarded-For and X-Real-IP, built from ConnInfo.Client: the peer
+//     address, or the address from a trusted PROXY header.
+//
+// What the client itself sent depends on ConnInfo.TrustForwarded. When it
+// is false (the default: the peer is an end user) any X-Forwarded-For,
+// X-Forwarded-Host, X-Forwarded-Proto, X-Real-IP and Forwarded header from
+// the client is dropped and replaced, so a client cannot forge its address.
+// When it is true (the peer is a proxy we trust) the client address is
+// appended to the incoming X-Forwarded-For chain ("a, b, client"), and the
+// incoming X-Real-IP and Forwarded headers are passed on unchanged, since
+// they already name the original client; X-Real-IP is set only if absent.
+//
+// # Errors
+//
+// A backend that cannot be reached (dial or TLS failure) gets 502 Bad
+// Gateway; one that sends no response headers within ResponseTimeout gets
+// 504 Gateway Timeout. Once headers have arrived the response streams for
+// as long as it needs. HTTP/1.1 Upgrade requests (WebSocket) pass through
+// to http1 and https1 backends; HTTP/2 cannot carry them, so for h2c and h2
+// backends they get 502 without the backend being asked. CONNECT is not
+// proxied (405).
+package l7
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"os"
+	"sync/atomic"
+	"time"
+)
+
+// Backend protocols, as spelled in the config file.
+const (
+	protoH2C    = "h2c"
+	protoH2     = "h2"
+	protoHTTP1  = "http1"
+	protoHTTPS1 = "https1"
+)
+
+// Defaults for Options durations left at zero; they match the config
+// file's defaults so a zero Options behaves like an empty route.
+const (
+	defaultDialTimeout     = 5 * time.Second
+	defaultResponseTimeout = 60 * time.Second
+	defaultIdleTimeout     = 10 * time.Minute
+)
+
+const (
+	// tlsHandshakeTimeout bounds the rest of the TLS handshake after the
+	// ClientHello (which the accept loop has already read under its own
+	// deadline).
+	tlsHandshakeTimeout = 10 * time.Second
+	// readHeaderTimeout bounds how long an HTTP/1.1 client may take to send
+	// a request's headers, so a slowloris cannot pin a connection.
+	readHeaderTimeout = 10 * time.Second
+	// maxHeaderBytes caps request headers (HTTP/1.1 header block, HTTP/2
+	// SETTINGS_MAX_HEADER_LIST_SIZE).
+	maxHeaderBytes = 64 << 10
+	// maxConcurrentStreams is advertised to HTTP/2 clients.
+	maxConcurrentStreams = 250
+	// backendIdleTimeout closes pooled backend connections nobody used for
+	// this long.
+	backendIdleTimeout = 90 * time.Second
+)
+
+// Options configures a Handler for one L7 route. Zero durations mean the
+// config file's defaults: DialTimeout 5s, ResponseTimeout 60s, IdleTimeout
+// 10m.
+type Options struct {
+	Route             string // metric and log label, e.g. "public/api.example.com"
+	CertFile, KeyFile string // PEM certificate chain and key, loaded by NewHandler
+	Backend           string // host:port
+	Protocol          string // "h2c" (when empty) | "h2" | "http1" | "https1"
+	BackendCAFile     string // PEM roots for h2/https1 backends; empty means the system roots
+	BackendServerName string // name sent and verified for TLS backends; empty means the Backend host
+	SendProxyProtocol bool   // send a PROXY v2 header on every backend connection
+	DialTimeout       time.Duration
+	ResponseTimeout   time.Duration // wait for backend response headers, then 504
+	IdleTimeout       time.Duration // client connection idle timeout
+	Logger            *slog.Logger  // nil discards
+	Metrics           *Metrics      // nil records nothing
+}
+
+// Handler terminates TLS and proxies HTTP for one route. It is safe for
+// concurrent use; build it with NewHandler.
+type Handler struct {
+	backend   string // host:port dialed
+	protocol  string
+	scheme    string // of outbound URLs: "http" or "https"
+	h2Backend bool   // h2c or h2: Upgrade requests cannot be carried
+	sendProxy bool
+
+	dialTimeout, responseTimeout, idleTimeout time.Duration
+
+	tlsConfig  *tls.Config // client-facing, shared by all connections
+	backendTLS *tls.Config // nil for h2c and http1
+	dialer     net.Dialer
+	shared     backendTransport // nil when every connection gets its own (PROXY v2)
+
+	log      *slog.Logger
+	errorLog *log.Logger // net/http's and ReverseProxy's own complaints, at debug
+	logLimit logLimiter
+	metrics  *routeMetrics // nil without Metrics
+
+	closed atomic.Bool
+}
+
+// NewHandler loads the route's certificate and builds its TLS config and
+// backend transport. Errors start with "l7: " and the config key at fault.
+func NewHandler(o Options) (*Handler, error) {
+	h := &Handler{
+
+		backend:         o.Backend,
+		protocol:        o.Protocol,
+		sendProxy:       o.SendProxyProtocol,
+		dialTimeout:     orDefault(o.DialTimeout, defaultDialTimeout),
+		responseTimeout: orDefault(o.ResponseTimeout, defaultResponseTimeout),
+		idleTimeout:     orDefault(o.IdleTimeout, defaultIdleTimeout),
+		log:             o.Logger,
+	}
+	if h.protocol == "" {
+		h.protocol = protoH2C
+	}
+	if h.log == nil {
+		h.log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	h.log = h.log.With("route", o.Route)
+	h.errorLog = slog.NewLogLogger(h.log.Handler(), slog.LevelDebug)
+	h.dialer = net.Dialer{Timeout: h.dialTimeout}
+
+	host, _, err := net.SplitHostPort(o.Backend)
+	if err != nil {
+		return nil, fmt.Errorf("l7: backend: %w", err)
+	}
+
+	cert, err := loadKeyPair(o.CertFile, o.KeyFile)
+	if err != nil {
+		return nil, err
+	}
+	h.tlsConfig = &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		NextProtos:   []string{"h2", "http/1.1"},
+		MinVersion:   tls.VersionTLS12,
+	}
+
+	switch h.protocol {
+	case protoH2C, protoHTTP1:
+		h.scheme = "http"
+		if o.BackendCAFile != "" || o.BackendServerName != "" {
+			return nil, fmt.Errorf("l7: backend_ca/backend_server_name: set for plain-text backend_protocol %q", h.protocol)
+		}
+	case protoH2, protoHTTPS1:
+		h.scheme = "https"
+		roots, err := loadRoots(o.BackendCAFile)
+		if err != nil {
+			return nil, err
+		}
+		name := o.BackendServerName
+		if name == "" {
+			name = host
+		}
+		alpn := "http/1.1"
+		if h.protocol == protoH2 {
+			alpn = "h2"
+		}
+		h.backendTLS = &tls.Config{
+			RootCAs:    roots, // nil means the system roots
+			ServerName: name,
+			NextProtos: []string{alpn},
+			MinVersion: tls.VersionTLS12,
+			// Resumption saves a full handshake each time the pool
+			// reconnects, and every PROXY-protocol client connection
+			// dials its own backend connections.
+			ClientSessionCache: tls.NewLRUClientSessionCache(0),
+		}
+	default:
+		return nil, fmt.Errorf("l7: backend_protocol: unknown %q (want h2c, h2, http1 or https1)", o.Protocol)
+	}
+	h.h2Backend = h.protocol == protoH2C || h.protocol == protoH2
+
+	if o.Metrics != nil {
+		h.metrics = o.Metrics.forRoute(o.Route)
+	}
+	if !h.sendProxy {
+		h.shared = h.newTransport(h.dialBackend)
+	}
+	return h, nil
+}
+
+// Close releases idle pooled backend connections. ServeConn calls still
+// running keep working; the connections they hold are released as they
+// finish.
+func (h *Handler) Close() {
+	h.closed.Store(true)
+	if h.shared != nil {
+		h.shared.CloseIdleConnections()
+	}
+}
+
+func loadKeyPair(certFile, keyFile string) (tls.Certificate, error) {
+	certPEM, err := os.ReadFile(certFile)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("l7: tls_cert: %w", err)
+	}
+	keyPEM, err := os.ReadFile(keyFile)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("l7: tls_key: %w", err)
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("l7: tls_cert/tls_key: %w", err)
+	}
+	return cert, nil
+}
+
+func loadRoots(file string) (*x509.CertPool, error) {
+	if file == "" {
+		return nil, nil
+	}
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("l7: backend_ca: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("l7: backend_ca: no PEM certificates in %s", file)
+	}
+	return pool, nil
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
+
+// statusClientClosed records requests whose client went away before the
+// backend answered (nginx's 499); it is never written to the wire.
+const statusClientClosed = 499

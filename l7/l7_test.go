@@ -1,0 +1,650 @@
+package l7
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+)
+
+const url = "https://" + frontName
+
+func TestNewHandlerErrors(t *testing.T) {
+	pki := newTestPKI(t)
+	cert, key := pki.leaf(t, frontName)
+	notPEM := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(notPEM, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ok := Options{CertFile: cert, KeyFile: key, Backend: "127.0.0.1:1"}
+	tests := []struct {
+		name string
+		edit func(*Options)
+		want string
+	}{
+		{"no cert", func(o *Options) { o.CertFile = "/nonexistent/x.pem" }, "l7: tls_cert: open /nonexistent/x.pem: no such file"},
+		{"no key", func(o *Options) { o.KeyFile = "/nonexistent/k.pem" }, "l7: tls_key: open /nonexistent/k.pem"},
+		{"key for other cert", func(o *Options) { _, o.KeyFile = pki.leaf(t, "other.test") }, "l7: tls_cert/tls_key: "},
+		{"backend without port", func(o *Options) { o.Backend = "10.0.0.1" }, "l7: backend: "},
+		{"unknown protocol", func(o *Options) { o.Protocol = "h3" }, `l7: backend_protocol: unknown "h3"`},
+		{"no CA file", func(o *Options) { o.Protocol, o.BackendCAFile = "h2", "/nonexistent/ca.pem" }, "l7: backend_ca: open /nonexistent/ca.pem"},
+		{"CA file without PEM", func(o *Options) { o.Protocol, o.BackendCAFile = "https1", notPEM }, "l7: backend_ca: no PEM certificates"},
+		{"CA for plain backend", func(o *Options) { o.BackendCAFile = pki.caFile }, "l7: backend_ca/backend_server_name: "},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			o := ok
+			tt.edit(&o)
+			_, err := NewHandler(o)
+			if err == nil || !strings.HasPrefix(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want prefix %q", err, tt.want)
+			}
+		})
+	}
+	h, err := NewHandler(ok)
+	if err != nil {
+		t.Fatalf("valid options: %v", err)
+	}
+	h.Close()
+}
+
+func TestForwardingHeaders(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beH2C, false, echo)
+	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+
+	spoof := func(req *http.Request) {
+		req.Header.Set("X-Forwarded-For", "203.0.113.9")
+		req.Header.Set("X-Real-IP", "203.0.113.9")
+		req.Header.Set("Forwarded", "for=203.0.113.9")
+		req.Header.Set("X-Forwarded-Host", "evil.test")
+		req.Header.Set("X-Forwarded-Proto", "http")
+	}
+	tests := []struct {
+		name      string
+		trust     bool
+		spoof     bool
+		xff, real string
+		forwarded string
+	}{
+		{"untrusted", false, false, "127.0.0.1", "127.0.0.1", ""},
+		{"untrusted spoofed", false, true, "127.0.0.1", "127.0.0.1", ""},
+		{"trusted", true, false, "127.0.0.1", "127.0.0.1", ""},
+		{"trusted chain", true, true, "203.0.113.9, 127.0.0.1", "203.0.113.9", "for=203.0.113.9"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			addr := startProxy(t, h, tt.trust).addr
+			c, _ := newClient(t, pki, addr, true, "")
+			req := mustRequest(t, "GET", url+"/path?q=1", nil)
+			if tt.spoof {
+				spoof(req)
+			}
+			rep := getEcho(t, c, req)
+			if rep.FrontProto != "HTTP/2.0" || rep.Proto != "HTTP/2.0" {
+				t.Errorf("client spoke %s, backend saw %s; want HTTP/2.0 both", rep.FrontProto, rep.Proto)
+			}
+			want := map[string]string{
+				"X-Forwarded-For":   tt.xff,
+				"X-Real-Ip":         tt.real,
+				"Forwarded":         tt.forwarded,
+				"X-Forwarded-Proto": "https",
+				"X-Forwarded-Host":  frontName,
+			}
+			for k, v := range want {
+				if got := strings.Join(rep.Header.Values(k), "|"); got != v {
+					t.Errorf("%s = %q, want %q", k, got, v)
+				}
+			}
+			if rep.Host != frontName {
+				t.Errorf("backend Host = %q, want %q", rep.Host, frontName)
+			}
+		})
+	}
+}
+
+func TestH2Backend(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beH2, false, echo)
+
+	t.Run("verified", func(t *testing.T) {
+		h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2", BackendCAFile: pki.caFile})
+		addr := startProxy(t, h, false).addr
+		c, _ := newClient(t, pki, addr, true, "")
+		rep := getEcho(t, c, mustRequest(t, "GET", url+"/", nil))
+		if rep.Proto != "HTTP/2.0" {
+			t.Errorf("backend saw %s, want HTTP/2.0", rep.Proto)
+		}
+	})
+	t.Run("https1", func(t *testing.T) {
+		h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "https1", BackendCAFile: pki.caFile})
+		addr := startProxy(t, h, false).addr
+		c, _ := newClient(t, pki, addr, true, "")
+		rep := getEcho(t, c, mustRequest(t, "GET", url+"/", nil))
+		if rep.Proto != "HTTP/1.1" {
+			t.Errorf("backend saw %s, want HTTP/1.1", rep.Proto)
+		}
+	})
+	t.Run("wrong CA", func(t *testing.T) {
+		m := NewMetrics(prometheus.NewRegistry())
+		h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2", BackendCAFile: newTestPKI(t).caFile, Metrics: m})
+		addr := startProxy(t, h, false).addr
+		c, _ := newClient(t, pki, addr, true, "")
+		if code, body := getStatus(t, c, url+"/"); code != http.StatusBadGateway {
+			t.Fatalf("status %d %q, want 502", code, body)
+		}
+		if n := testutil.ToFloat64(m.backendErrors.WithLabelValues("test/"+frontName, kindUnreachable)); n != 1 {
+			t.Errorf("unreachable errors = %v, want 1", n)
+		}
+	})
+	t.Run("wrong server name", func(t *testing.T) {
+		h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2", BackendCAFile: pki.caFile, BackendServerName: "other.test"})
+		addr := startProxy(t, h, false).addr
+		c, _ := newClient(t, pki, addr, true, "")
+		if code, body := getStatus(t, c, url+"/"); code != http.StatusBadGateway {
+			t.Fatalf("status %d %q, want 502", code, body)
+		}
+	})
+}
+
+func TestHTTP1(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beHTTP1, false, echo)
+	m := NewMetrics(prometheus.NewRegistry())
+	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "http1", Metrics: m})
+	addr := startProxy(t, h, false).addr
+	c, _ := newClient(t, pki, addr, false, "")
+
+	rep := getEcho(t, c, mustRequest(t, "POST", url+"/upload", strings.NewReader("hello body")))
+	if rep.FrontProto != "HTTP/1.1" || rep.Proto != "HTTP/1.1" {
+		t.Errorf("client spoke %s, backend saw %s; want HTTP/1.1 both", rep.FrontProto, rep.Proto)
+	}
+	if rep.Body != "hello body" {
+		t.Errorf("backend got body %q", rep.Body)
+	}
+	if got := rep.Header.Get("X-Forwarded-For"); got != "127.0.0.1" {
+		t.Errorf("X-Forwarded-For = %q", got)
+	}
+
+	// A retired snapshot's handler keeps serving the connections it has.
+	h.Close()
+	getEcho(t, c, mustRequest(t, "GET", url+"/after-close", nil))
+
+	route := "test/" + frontName
+	waitFor(t, "2 requests counted", func() bool {
+		return testutil.ToFloat64(m.requests.WithLabelValues(route, "2xx")) == 2 &&
+			testutil.ToFloat64(m.activeStreams.WithLabelValues(route)) == 0
+	})
+}
+
+func TestConcurrentStreams(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	const n = 100
+	var arrived atomic.Int32
+	all := make(chan struct{})
+	// Every request waits until all n are in the backend at once, so the
+	// test passes only if the proxy really carries them concurrently.
+	be := startBackend(t, pki, beH2C, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/warmup" {
+			if arrived.Add(1) == n {
+				close(all)
+			}
+			select {
+			case <-all:
+			case <-r.Context().Done():
+				return
+			case <-time.After(20 * time.Second):
+				http.Error(w, "not all streams arrived", http.StatusServiceUnavailable)
+				return
+			}
+		}
+		echo(w, r)
+	}))
+	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+	addr := startProxy(t, h, false).addr
+	c, dials := newClient(t, pki, addr, true, "")
+	getEcho(t, c, mustRequest(t, "GET", url+"/warmup", nil))
+
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			rep, err := fetchEcho(c, mustRequest(t, "GET", fmt.Sprintf("%s/s/%d", url, i), nil))
+			if err != nil {
+				t.Errorf("stream %d: %v", i, err)
+			} else if rep.FrontProto != "HTTP/2.0" {
+				t.Errorf("stream %d went over %s", i, rep.FrontProto)
+			}
+		})
+	}
+	wg.Wait()
+	if d := dials.count(); d != 1 {
+		t.Errorf("client made %d connections, want 1", d)
+	}
+}
+
+func TestGRPC(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+	var wg sync.WaitGroup
+	wg.Go(func() { gs.Serve(ln) })
+	t.Cleanup(func() {
+		gs.Stop()
+		wg.Wait()
+	})
+
+	h := newTestHandler(t, pki, Options{Backend: ln.Addr().String(), Protocol: "h2c"})
+	addr := startProxy(t, h, false).addr
+	cc, err := grpc.NewClient("passthrough:///"+addr,
+		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pki.pool, ServerName: frontName})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	client := healthpb.NewHealthClient(cc)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	// Unary, and a status carried only in trailers.
+	res, err := client.Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatalf("Check: %v", err)
+	}
+	if res.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Errorf("Check = %v, want SERVING", res.Status)
+	}
+	_, err = client.Check(ctx, &healthpb.HealthCheckRequest{Service: "unknown"})
+	if status.Code(err) != codes.NotFound {
+		t.Errorf("Check(unknown) err = %v, want NotFound", err)
+	}
+
+	// Server streaming: each status change arrives as it happens.
+	hs.SetServingStatus("svc", healthpb.HealthCheckResponse_SERVING)
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	stream, err := client.Watch(watchCtx, &healthpb.HealthCheckRequest{Service: "svc"})
+	if err != nil {
+		t.Fatalf("Watch: %v", err)
+	}
+	for _, want := range []healthpb.HealthCheckResponse_ServingStatus{
+		healthpb.HealthCheckResponse_SERVING,
+		healthpb.HealthCheckResponse_NOT_SERVING,
+	} {
+		msg, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("Watch Recv: %v", err)
+		}
+		if msg.Status != want {
+			t.Fatalf("Watch got %v, want %v", msg.Status, want)
+		}
+		hs.SetServingStatus("svc", healthpb.HealthCheckResponse_NOT_SERVING)
+	}
+	stopWatch()
+	if _, err := stream.Recv(); status.Code(err) != codes.Canceled {
+		t.Errorf("after cancel, Recv err = %v, want Canceled", err)
+	}
+}
+
+func TestWebSocket(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	var up websocket.Upgrader
+	be := startBackend(t, pki, beHTTP1, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		for {
+			mt, msg, err := c.ReadMessage()
+			if err != nil {
+				return
+			}
+			if err := c.WriteMessage(mt, msg); err != nil {
+				return
+			}
+		}
+	}))
+	dial := func(t *testing.T, addr string) (*websocket.Conn, *http.Response, error) {
+		d := websocket.Dialer{
+			NetDialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+			},
+			TLSClientConfig:  &tls.Config{RootCAs: pki.pool, ServerName: frontName},
+			HandshakeTimeout: 10 * time.Second,
+		}
+		return d.Dial("wss://"+frontName+"/ws", nil)
+	}
+
+	t.Run("http1 backend", func(t *testing.T) {
+		h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "http1"})
+		addr := startProxy(t, h, false).addr
+		ws, _, err := dial(t, addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.Close()
+		for _, msg := range []string{"hello", "again"} {
+			if err := ws.WriteMessage(websocket.TextMessage, []byte(msg)); err != nil {
+				t.Fatal(err)
+			}
+			_, got, err := ws.ReadMessage()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(got) != msg {
+				t.Fatalf("echo %q, want %q", got, msg)
+			}
+		}
+	})
+	t.Run("cut when ServeConn is cancelled", func(t *testing.T) {
+		h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "http1"})
+		p := startProxy(t, h, false)
+		addr, cancel := p.addr, p.cancel
+		ws, _, err := dial(t, addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ws.Close()
+		ws.SetReadDeadline(time.Now().Add(20 * time.Second)) // fail rather than hang
+		cancel()
+		// An upgraded connection has no graceful close; the read
+		// fails once ServeConn cuts it.
+		_, _, err = ws.ReadMessage()
+		if ne, ok := err.(net.Error); err == nil || ok && ne.Timeout() {
+			t.Fatalf("read on a connection that should be cut: %v", err)
+		}
+	})
+	t.Run("h2c backend refuses", func(t *testing.T) {
+		h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+		addr := startProxy(t, h, false).addr
+		ws, res, err := dial(t, addr)
+		if err == nil {
+			ws.Close()
+			t.Fatal("upgrade through an h2c backend succeeded")
+		}
+		if res == nil || res.StatusCode != http.StatusBadGateway {
+			t.Fatalf("res = %v, err = %v; want 502", res, err)
+		}
+	})
+}
+
+func TestBackendErrors(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	route := "test/" + frontName
+
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := closed.Addr().String()
+	closed.Close()
+
+	release := make(chan struct{})
+	slow := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	// Headers at once, then a body that takes longer than the response
+	// timeout: the timeout must not cut it.
+	const chunks = 6
+	stream := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		w.WriteHeader(http.StatusOK)
+		rc.Flush()
+		for i := range chunks {
+			time.Sleep(100 * time.Millisecond)
+			fmt.Fprintf(w, "chunk %d\n", i)
+			rc.Flush()
+		}
+	})
+	defer close(release) // before the cleanups stop the backends
+
+	for _, proto := range []string{"h2c", "http1"} {
+		beKind := map[string]string{"h2c": beH2C, "http1": beHTTP1}[proto]
+		slowBE := startBackend(t, pki, beKind, false, slow)
+		streamBE := startBackend(t, pki, beKind, false, stream)
+
+		t.Run(proto+"/unreachable", func(t *testing.T) {
+			m := NewMetrics(prometheus.NewRegistry())
+			h := newTestHandler(t, pki, Options{Backend: deadAddr, Protocol: proto, Metrics: m})
+			addr := startProxy(t, h, false).addr
+			c, _ := newClient(t, pki, addr, true, "")
+			code, body := getStatus(t, c, url+"/")
+			if code != http.StatusBadGateway || body != "bad gateway\n" {
+				t.Fatalf("got %d %q, want 502 %q", code, body, "bad gateway\n")
+			}
+			if n := testutil.ToFloat64(m.backendErrors.WithLabelValues(route, kindUnreachable)); n != 1 {
+				t.Errorf("unreachable errors = %v, want 1", n)
+			}
+			waitFor(t, "5xx counted", func() bool { return testutil.ToFloat64(m.requests.WithLabelValues(route, "5xx")) == 1 })
+		})
+		t.Run(proto+"/timeout", func(t *testing.T) {
+			m := NewMetrics(prometheus.NewRegistry())
+			h := newTestHandler(t, pki, Options{Backend: slowBE.addr, Protocol: proto, ResponseTimeout: 200 * time.Millisecond, Metrics: m})
+			addr := startProxy(t, h, false).addr
+			c, _ := newClient(t, pki, addr, true, "")
+			code, body := getStatus(t, c, url+"/")
+			if code != http.StatusGatewayTimeout || body != "gateway timeout\n" {
+				t.Fatalf("got %d %q, want 504", code, body)
+			}
+			if n := testutil.ToFloat64(m.backendErrors.WithLabelValues(route, kindTimeout)); n != 1 {
+				t.Errorf("timeout errors = %v, want 1", n)
+			}
+		})
+		t.Run(proto+"/stream outlives timeout", func(t *testing.T) {
+			h := newTestHandler(t, pki, Options{Backend: streamBE.addr, Protocol: proto, ResponseTimeout: 200 * time.Millisecond})
+			addr := startProxy(t, h, false).addr
+			c, _ := newClient(t, pki, addr, true, "")
+			code, body := getStatus(t, c, url+"/")
+			if code != http.StatusOK || strings.Count(body, "chunk") != chunks {
+				t.Fatalf("got %d %q, want 200 with %d chunks", code, body, chunks)
+			}
+		})
+	}
+}
+
+func TestSendProxyProtocol(t *testing.T) {
+	for _, tt := range []struct {
+		proto, backend string
+		frontH2        bool
+	}{
+		{"h2c", beH2C, true},
+		{"http1", beHTTP1, false},
+		{"h2", beH2, true},
+		{"https1", beH2, false},
+	} {
+		proto := tt.proto
+		t.Run(proto, func(t *testing.T) {
+			checkLeaks(t)
+			pki := newTestPKI(t)
+			be := startBackend(t, pki, tt.backend, true, echo)
+			o := Options{Backend: be.addr, Protocol: proto, SendProxyProtocol: true}
+			if tt.backend == beH2 {
+				// The PROXY header must precede the TLS handshake.
+				o.BackendCAFile = pki.caFile
+			}
+			h := newTestHandler(t, pki, o)
+			addr := startProxy(t, h, false).addr
+
+			// Two clients at once, from different addresses, each with
+			// several requests in flight: every request must reach the
+			// backend on a connection whose PROXY header names its own
+			// client.
+			var wg sync.WaitGroup
+			var clients []*http.Client
+			for _, src := range []string{"127.0.0.2", "127.0.0.3"} {
+				c, dials := newClient(t, pki, addr, tt.frontH2, src)
+				clients = append(clients, c)
+				for i := range 10 {
+					wg.Go(func() {
+						for j := range 3 {
+							rep, err := fetchEcho(c, mustRequest(t, "GET", fmt.Sprintf("%s/%s/%d/%d", url, src, i, j), nil))
+							if err != nil {
+								t.Errorf("client %s: %v", src, err)
+								return
+							}
+							got, err := netip.ParseAddrPort(rep.ProxySrc)
+							if err != nil || got.Addr().String() != src || !dials.has(got) {
+								t.Errorf("client %s: request arrived with PROXY source %q", src, rep.ProxySrc)
+							}
+							if xr := rep.Header.Get("X-Real-Ip"); xr != src {
+								t.Errorf("client %s: X-Real-IP %q", src, xr)
+							}
+						}
+					})
+				}
+			}
+			wg.Wait()
+
+			// Backend connections belong to their client connection
+			// and close with it.
+			if be.open.Load() == 0 {
+				t.Error("backend has no open connections while clients are connected")
+			}
+			for _, c := range clients {
+				c.CloseIdleConnections()
+			}
+			waitFor(t, "backend connections to close", func() bool { return be.open.Load() == 0 })
+		})
+	}
+}
+
+func TestServeConnDrain(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		h2   bool
+		cut  bool // the request never finishes; the caller closes conn
+	}{
+		{"h2", true, false},
+		{"http1.1", false, false},
+		{"h2 cut", true, true},
+		{"http1.1 cut", false, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			checkLeaks(t)
+			pki := newTestPKI(t)
+			started := make(chan struct{}, 1)
+			release := make(chan struct{})
+			be := startBackend(t, pki, beH2C, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				started <- struct{}{}
+				select {
+				case <-release:
+					io.WriteString(w, "done")
+				case <-r.Context().Done():
+				}
+			}))
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+			p := startProxy(t, h, false)
+			c, _ := newClient(t, pki, p.addr, tt.h2, "")
+
+			type result struct {
+				code int
+				body string
+				err  error
+			}
+			done := make(chan result, 1)
+			go func() {
+				res, err := c.Get(url + "/")
+				if err != nil {
+					done <- result{err: err}
+					return
+				}
+				b, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				done <- result{res.StatusCode, string(b), err}
+			}()
+			<-started
+			// Cancelling ServeConn's context drains: the request in
+			// flight still completes...
+			p.cancel()
+			time.Sleep(50 * time.Millisecond)
+			if !tt.cut {
+				close(release)
+				r := <-done
+				if r.err != nil || r.code != http.StatusOK || r.body != "done" {
+					t.Fatalf("in-flight request: %d %q %v; want 200 done", r.code, r.body, r.err)
+				}
+				return
+			}
+			// ...unless the caller closes the connection first, as the
+			// proxy does when its grace period ends; then the request
+			// fails and ServeConn returns.
+			defer close(release)
+			p.cut()
+			if r := <-done; r.err == nil {
+				t.Fatalf("request on a cut connection: %d %q", r.code, r.body)
+			}
+		})
+	}
+}
+
+func TestMetricNames(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := NewMetrics(reg)
+	rm := m.forRoute("public/a.example.com")
+	rm.requestDone(200, time.Millisecond)
+	rm.streamStarted()
+	rm.backendError(kindOther)
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mfs) != 4 {
+		t.Errorf("gathered %d metric families, want 4", len(mfs))
+	}
+	problems, err := promlint.NewWithMetricFamilies(mfs).Lint()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
+	}
+}
+
+func TestPrefixConn(t *testing.T) {
+	a, b := net.Pipe()
+	defer a.Close()
+	go func() {
+		b.Write([]byte(" world"))
+		b.Close()
+	}()
+	got, err := io.ReadAll(&prefixConn{Conn: a, prefix: []byte("hello")})
+	if err != nil || string(got) != "hello world" {
+		t.Fatalf("read %q, %v", got, err)
+	}
+}

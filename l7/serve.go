@@ -1,0 +1,487 @@
+package l7
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http/httpguts"
+	"golang.org/x/net/http2"
+)
+
+// ConnInfo describes the client connection handed to ServeConn.
+type ConnInfo struct {
+	Client         netip.AddrPort // real client: the peer, or the source from a trusted PROXY header
+	Local          netip.AddrPort // local address of the accepted socket
+	TrustForwarded bool           // append to the client's X-Forwarded-For instead of replacing it
+	SNI            string
+}
+
+// ServeConn terminates TLS on conn, replaying hello (the ClientHello bytes
+// the accept loop already read) first, then serves HTTP/2 or HTTP/1.1 as
+// ALPN chose and proxies every request to the backend. It returns when the
+// connection is finished: closed by either side, idle for IdleTimeout, or
+// ctx cancelled.
+//
+// Cancelling ctx starts a graceful close: HTTP/2 gets GOAWAY, HTTP/1.1
+// closes after the response in flight, idle connections close at once, and
+// an upgraded connection (WebSocket), which has no graceful close, is cut.
+// Requests in flight run to completion; to bound that, the caller closes
+// conn (the proxy does when its shutdown grace ends), which makes
+// ServeConn return promptly.
+//
+// conn is closed before ServeConn returns, and no request handler is
+// still running then.
+func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci ConnInfo) {
+	defer conn.Close()
+	if !ci.Client.IsValid() {
+		ci.Client = addrPort(conn.RemoteAddr())
+	}
+	if !ci.Local.IsValid() {
+		ci.Local = addrPort(conn.LocalAddr())
+	}
+	ci.Client = netip.AddrPortFrom(ci.Client.Addr().Unmap(), ci.Client.Port())
+	ci.Local = netip.AddrPortFrom(ci.Local.Addr().Unmap(), ci.Local.Port())
+
+	pc := &prefixConn{Conn: conn, prefix: hello}
+	if ci.Client.IsValid() {
+		// net/http reports this as Request.RemoteAddr, so the real
+		// client shows up in its logs rather than a PROXY sender.
+		pc.remote = net.TCPAddrFromAddrPort(ci.Client)
+	}
+	tc := tls.Server(pc, h.tlsConfig)
+	tc.SetDeadline(time.Now().Add(tlsHandshakeTimeout))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		// Client garbage or a client that gave up: debug, not warn.
+		h.log.Debug("tls handshake failed", "client", ci.Client, "err", err)
+		return
+	}
+	tc.SetDeadline(time.Time{})
+
+	c := h.newClientConn(ctx, ci)
+	defer c.finish()
+
+	// One http.Server per connection costs a few small allocations next
+	// to the TLS handshake just done, and buys a per-connection graceful
+	// Shutdown for both HTTP/1.1 and HTTP/2 (ConfigureServer hooks the
+	// HTTP/2 GOAWAY into Server.Shutdown).
+	l := newConnListener(tc)
+	srv := &http.Server{
+		Handler:           c,
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       h.idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+		ErrorLog:          h.errorLog,
+		BaseContext:       func(net.Listener) context.Context { return c.ctx },
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			// A hijacked connection (an upgrade) is no longer the
+			// server's; its handler runs on and c.finish waits for it.
+			if s == http.StateClosed || s == http.StateHijacked {
+				l.connDone()
+			}
+		},
+	}
+	h2srv := &http2.Server{
+		MaxConcurrentStreams: maxConcurrentStreams,
+		IdleTimeout:          h.idleTimeout,
+	}
+	if err := http2.ConfigureServer(srv, h2srv); err != nil {
+		// Only possible with a CipherSuites list lacking what HTTP/2
+		// requires, and srv has none.
+		h.log.Error("configuring http2 server", "err", err)
+		return
+	}
+
+	drained := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(drained)
+		// Shutdown returns once the connection is done (at once if
+		// it was hijacked), or when c.ctx ends as ServeConn finishes.
+		srv.Shutdown(c.ctx)
+		conn.Close() // cuts a hijacked connection
+	})
+
+	srv.Serve(l) // returns once the listener is closed by connDone or Shutdown
+	if l.handedOut() {
+		<-l.done
+	}
+	c.waitHandlers()
+
+	c.cancel() // ends a Shutdown still waiting
+	if !stop() {
+		<-drained
+	}
+}
+
+// addrPort returns a's address if it is a TCP address.
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.AddrPort()
+	}
+	return netip.AddrPort{}
+}
+
+// clientConn is the per-connection state: the connection's ReverseProxy,
+// its backend transport, and a count of running handlers so ServeConn can
+// wait for them.
+type clientConn struct {
+	h        *Handler
+	ci       ConnInfo
+	clientIP string
+	rt       backendTransport
+	pd       *proxyDialer // nil unless the route sends PROXY headers
+	proxy    httputil.ReverseProxy
+
+	// ctx is the base of every request's context. It keeps ServeConn's
+	// values but not its cancellation, which means "drain", not "abort";
+	// it is cancelled when the connection is finished.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu       sync.Mutex
+	handlers int
+	finished bool
+	idle     chan struct{} // closed when finished and handlers reaches 0
+}
+
+func (h *Handler) newClientConn(ctx context.Context, ci ConnInfo) *clientConn {
+	c := &clientConn{h: h, ci: ci, idle: make(chan struct{})}
+	if ci.Client.IsValid() {
+		c.clientIP = ci.Client.Addr().String()
+	}
+	c.ctx, c.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	c.rt = h.shared
+	if h.sendProxy {
+		// A transport of its own, so that no pooled backend connection
+		// (whose PROXY header names this client) serves anyone else.
+		c.pd = &proxyDialer{h: h, ci: ci}
+		c.rt = h.newTransport(c.pd.dial)
+	}
+	c.proxy = httputil.ReverseProxy{
+		Rewrite:   c.rewrite,
+		Transport: roundTripperFunc(c.roundTrip),
+		// Zero, not -1: ReverseProxy already flushes every write of a
+		// response of unknown length (gRPC, chunked, long polls) and of
+		// text/event-stream, so streams are never held back; and a
+		// response declared empty must not be flushed early. That one
+		// is a gRPC Trailers-Only error (grpc/grpc doc/PROTOCOL-HTTP2.md):
+		// flushing its headers first splits it into HEADERS + empty DATA,
+		// and clients then fail with "server closed the stream without
+		// sending trailers". Declared-length bodies pass through the
+		// server's few-KiB write buffer, never whole.
+		FlushInterval: 0,
+		ErrorLog:      h.errorLog,
+		ErrorHandler:  h.handleError,
+	}
+	return c
+}
+
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+func (c *clientConn) roundTrip(req *http.Request) (*http.Response, error) {
+	return c.h.roundTripWithTimeout(c.rt, req)
+}
+
+// rewrite points the outbound request at the backend and sets the
+// forwarding headers as the package comment describes. ReverseProxy has
+// already removed the client's Forwarded and X-Forwarded-* headers.
+func (c *clientConn) rewrite(pr *httputil.ProxyRequest) {
+	pr.Out.URL.Scheme = c.h.scheme
+	pr.Out.URL.Host = c.h.backend
+	// pr.Out.Host stays the client's Host: backends route on it.
+
+	hdr := pr.Out.Header
+	var xff []string
+	if c.ci.TrustForwarded {
+		xff = pr.In.Header.Values("X-Forwarded-For")
+		if v := pr.In.Header["Forwarded"]; len(v) > 0 {
+			hdr["Forwarded"] = v
+		}
+	} else {
+		hdr.Del("X-Real-Ip")
+	}
+	// clientIP is empty only for a connection without a TCP peer
+	// address (never from the proxy's listeners); then nothing is
+	// claimed about the client.
+	if c.clientIP != "" {
+		xff = append(xff, c.clientIP)
+		if hdr.Get("X-Real-Ip") == "" {
+			hdr.Set("X-Real-Ip", c.clientIP)
+		}
+	}
+	if len(xff) > 0 {
+		// One header, comma-separated, as most backends only read the
+		// first X-Forwarded-For line.
+		hdr.Set("X-Forwarded-For", strings.Join(xff, ", "))
+	}
+	hdr.Set("X-Forwarded-Proto", "https")
+	if pr.In.Host != "" {
+		hdr.Set("X-Forwarded-Host", pr.In.Host)
+	}
+}
+
+var (
+	errUpgradeOverH2 = errors.New("protocol upgrade requested, but the backend speaks HTTP/2")
+	errConnect       = errors.New("CONNECT is not proxied")
+)
+
+func (c *clientConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !c.enter() {
+		// The connection is finished; HTTP/2 may still start a handler
+		// for a stream that arrived just before.
+		return
+	}
+	defer c.leave()
+
+	h := c.h
+	start := time.Now()
+	rec := &statusRecorder{ResponseWriter: w}
+	h.metrics.streamStarted()
+	defer func() {
+		h.metrics.streamDone()
+		h.metrics.requestDone(rec.status(), time.Since(start))
+	}()
+
+	switch {
+	case r.Method == http.MethodConnect:
+		h.handleError(rec, r, errConnect)
+	case h.h2Backend && httpguts.HeaderValuesContainsToken(r.Header["Connection"], "Upgrade"):
+		h.handleError(rec, r, errUpgradeOverH2)
+	default:
+		c.proxy.ServeHTTP(rec, r)
+	}
+}
+
+func (c *clientConn) enter() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.finished {
+		return false
+	}
+	c.handlers++
+	return true
+}
+
+func (c *clientConn) leave() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.handlers--
+	if c.finished && c.handlers == 0 {
+		close(c.idle)
+	}
+}
+
+// waitHandlers refuses new handlers and waits for the running ones, whose
+// request contexts the closed connection has cancelled.
+func (c *clientConn) waitHandlers() {
+	c.mu.Lock()
+	if c.finished {
+		c.mu.Unlock()
+		return
+	}
+	c.finished = true
+	n := c.handlers
+	c.mu.Unlock()
+	if n > 0 {
+		<-c.idle
+	}
+}
+
+// finish releases the connection's backend resources. Handlers are done by
+// now, so every backend connection of a per-connection transport is idle
+// or dead and can be closed.
+func (c *clientConn) finish() {
+	c.waitHandlers()
+	c.cancel()
+	if c.pd != nil {
+		c.rt.CloseIdleConnections()
+		c.pd.closeAll()
+	} else if c.h.closed.Load() {
+		// The snapshot was retired while this connection ran: release
+		// what it returned to the pool.
+		c.rt.CloseIdleConnections()
+	}
+}
+
+// handleError is the one funnel for requests that get no backend
+// response: it picks the status, counts, logs (rate-limited) and writes a
+// short text body.
+func (h *Handler) handleError(w http.ResponseWriter, r *http.Request, err error) {
+	rec, _ := w.(*statusRecorder)
+	code, kind := http.StatusBadGateway, ""
+	var ce *connectError
+	switch {
+	case errors.Is(err, errConnect):
+		code = http.StatusMethodNotAllowed
+	case errors.Is(err, errUpgradeOverH2):
+		// A route misconfiguration rather than a backend failure.
+	case errors.Is(err, errResponseTimeout):
+		code, kind = http.StatusGatewayTimeout, kindTimeout
+	case r.Context().Err() != nil:
+		// The client left (stream reset, connection closed); nobody is
+		// listening for a status and the backend did nothing wrong.
+		if rec != nil {
+			rec.code = statusClientClosed
+		}
+		return
+	case errors.As(err, &ce):
+		kind = kindUnreachable
+	default:
+		kind = kindOther
+	}
+
+	if kind != "" {
+		h.metrics.backendError(kind)
+		if ok, suppressed := h.logLimit.allow(time.Now()); ok {
+			h.log.Warn("backend error", "backend", h.backend, "kind", kind, "err", err, "suppressed", suppressed)
+		}
+	} else {
+		h.log.Debug("request refused", "method", r.Method, "err", err)
+	}
+
+	if rec != nil && rec.hijacked {
+		// An upgrade failed after the connection was taken over; there
+		// is no HTTP response left to write.
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(code)
+	io.WriteString(w, strings.ToLower(http.StatusText(code))+"\n")
+}
+
+// statusRecorder remembers the final status for metrics. Unwrap lets
+// http.ResponseController (which ReverseProxy uses to flush) reach the
+// server's writer.
+type statusRecorder struct {
+	http.ResponseWriter
+	code     int
+	hijacked bool
+}
+
+func (w *statusRecorder) WriteHeader(code int) {
+	// 1xx responses (100 Continue, 103 Early Hints) are not final.
+	if w.code == 0 && code >= 200 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusRecorder) Write(p []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *statusRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// Hijack is reached by ReverseProxy for a 101 Switching Protocols.
+func (w *statusRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err == nil {
+		w.hijacked = true
+		w.code = http.StatusSwitchingProtocols
+	}
+	return conn, brw, err
+}
+
+func (w *statusRecorder) status() int {
+	if w.code == 0 {
+		return http.StatusOK // what net/http sends for a handler that wrote nothing
+	}
+	return w.code
+}
+
+// prefixConn replays the ClientHello the accept loop consumed before
+// reading the connection itself.
+type prefixConn struct {
+	net.Conn
+	prefix []byte
+	remote net.Addr // reported by RemoteAddr when set
+}
+
+func (c *prefixConn) Read(p []byte) (int, error) {
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		if len(c.prefix) == 0 {
+			c.prefix = nil // let the hello be collected
+		}
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *prefixConn) RemoteAddr() net.Addr {
+	if c.remote != nil {
+		return c.remote
+	}
+	return c.Conn.RemoteAddr()
+}
+
+// connListener hands one connection to http.Server.Serve. The second
+// Accept blocks until the connection is done (or the listener is closed),
+// then fails, so Serve returns instead of waiting for a connection that
+// will never come.
+type connListener struct {
+	conn net.Conn
+
+	mu      sync.Mutex
+	handed  bool
+	done    chan struct{} // closed by connDone
+	doneOne sync.Once
+	closed  chan struct{} // closed by Close or connDone
+	closeO  sync.Once
+}
+
+func newConnListener(c net.Conn) *connListener {
+	return &connListener{conn: c, done: make(chan struct{}), closed: make(chan struct{})}
+}
+
+func (l *connListener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	if !l.handed {
+		select {
+		case <-l.closed:
+		default:
+			l.handed = true
+			l.mu.Unlock()
+			return l.conn, nil
+		}
+	}
+	l.mu.Unlock()
+	<-l.closed
+	return nil, net.ErrClosed
+}
+
+// handedOut reports whether Serve took the connection, i.e. whether
+// connDone will be called.
+func (l *connListener) handedOut() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.handed
+}
+
+func (l *connListener) connDone() {
+	l.doneOne.Do(func() { close(l.done) })
+	l.Close()
+}
+
+func (l *connListener) Close() error {
+	l.closeO.Do(func() { close(l.closed) })
+	return nil
+}
+
+func (l *connListener) Addr() net.Addr { return l.conn.LocalAddr() }
