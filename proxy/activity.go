@@ -1,0 +1,45 @@
+package proxy
+
+import (
+	"net"
+	"sync"
+)
+
+// activity is shared by the two directions of one relay: it tells
+// whether bytes moved on the connection and records why it ended.
+type activity struct {
+	sockets [2]*net.TCPConn
+
+	mu  sync.Mutex
+	end string
+}
+
+func newActivity(a, b *net.TCPConn) *activity {
+	return &activity{sockets: [2]*net.TCPConn{a, b}}
+}
+
+// count sums the bytes the kernel has received on both sockets. It is
+// read only when an idle check fires, never per chunk.
+func (a *activity) count() uint64 {
+	return bytesReceived(a.sockets[0]) + bytesReceived(a.sockets[1])
+}
+
+func (a *activity) close(why string) {
+	a.mu.Lock()
+	if a.end == "" {
+		a.end = why
+	}
+	a.mu.Unlock()
+}
+
+func (a *activity) closed() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.end != ""
+}
+
+func (a *activity) reason() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.end
+}

@@ -1,0 +1,217 @@
+package proxy
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// Limits on what a client may send before it is routed. A ClientHello
+// with a post-quantum key share is about 1.8 KiB today; 64 KiB is the
+// largest handshake message this proxy will buffer for one connection.
+const (
+	recordHeaderLen  = 5
+	maxRecordLen     = 16384 + 2048 // TLSCiphertext upper bound (RFC 8446, section 5.2)
+	maxHelloMsgLen   = 64 << 10
+	helloBufInitSize = 2048
+)
+
+// errBadHello marks input that is not a TLS ClientHello; it is the
+// client's fault and counted as bad_client_hello.
+var errBadHello = errors.New("proxy: not a TLS ClientHello")
+
+// clientHello is what routing needs from a ClientHello.
+type clientHello struct {
+	raw []byte // every byte read from the client, to replay
+	sni string // server_name, as sent ("" if absent)
+}
+
+// readClientHello reads whole TLS records from r — the 5-byte header,
+// then exactly the record's length — until one complete ClientHello
+// handshake message has arrived, even when it spans several records or
+// arrives a byte at a time. It never reads past the record that
+// completes the message, so the connection can afterwards be handed to
+// the kernel (splice) or to crypto/tls with nothing stranded in a buffer.
+func readClientHello(r io.Reader, buf []byte) (clientHello, error) {
+	raw := buf[:0]
+	var msg []byte // handshake bytes collected from the record payloads
+	for {
+		start := len(raw)
+		raw = grow(raw, recordHeaderLen)
+		if _, err := io.ReadFull(r, raw[start:start+recordHeaderLen]); err != nil {
+			return clientHello{raw: raw[:start]}, readErr(err, start)
+		}
+		hdr := raw[start : start+recordHeaderLen]
+		if hdr[0] != 0x16 {
+			return clientHello{}, fmt.Errorf("%w: record type %#x", errBadHello, hdr[0])
+		}
+		if hdr[1] != 3 {
+			return clientHello{}, fmt.Errorf("%w: record version %#x%02x", errBadHello, hdr[1], hdr[2])
+		}
+		n := int(binary.BigEndian.Uint16(hdr[3:5]))
+		if n == 0 || n > maxRecordLen {
+			return clientHello{}, fmt.Errorf("%w: record length %d", errBadHello, n)
+		}
+		if len(raw)+n > maxHelloMsgLen+8*recordHeaderLen {
+			return clientHello{}, fmt.Errorf("%w: larger than %d bytes", errBadHello, maxHelloMsgLen)
+		}
+		body := start + recordHeaderLen
+		raw = grow(raw, n)
+		if _, err := io.ReadFull(r, raw[body:body+n]); err != nil {
+			return clientHello{}, readErr(err, 1)
+		}
+		if msg == nil {
+			// The common case, one record: alias it. The full slice
+			// expression caps it so a later append copies instead of
+			// writing into raw.
+			msg = raw[body : body+n : body+n]
+		} else {
+			msg = append(msg, raw[body:body+n]...)
+		}
+
+		if len(msg) < 4 {
+			continue
+		}
+		if msg[0] != 1 { // HandshakeType client_hello
+			return clientHello{}, fmt.Errorf("%w: handshake type %d", errBadHello, msg[0])
+		}
+		want := 4 + (int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3]))
+		if want-4 > maxHelloMsgLen {
+			return clientHello{}, fmt.Errorf("%w: message length %d", errBadHello, want-4)
+		}
+		if len(msg) < want {
+			continue
+		}
+		sni, err := parseServerName(msg[4:want])
+		if err != nil {
+			return clientHello{}, err
+		}
+		return clientHello{raw: raw, sni: sni}, nil
+	}
+}
+
+// grow extends b by n bytes, reallocating if needed.
+func grow(b []byte, n int) []byte {
+	if cap(b)-len(b) < n {
+		nb := make([]byte, len(b), 2*cap(b)+n)
+		copy(nb, b)
+		b = nb
+	}
+	return b[:len(b)+n]
+}
+
+// readErr turns a short read into errBadHello (the client hung up
+// mid-record) unless it is a timeout, which the caller counts apart.
+func readErr(err error, have int) error {
+	var te interface{ Timeout() bool }
+	if errors.As(err, &te) && te.Timeout() {
+		return err
+	}
+	if errors.Is(err, io.EOF) && have == 0 {
+		return fmt.Errorf("%w: connection closed before any data", errBadHello)
+	}
+	return fmt.Errorf("%w: %v", errBadHello, err)
+}
+
+// parseServerName walks a ClientHello body (RFC 8446, section 4.1.2) to
+// the server_name extension (RFC 6066, section 3). Every length is
+// checked against what remains, so no input can make it read out of
+// bounds.
+func parseServerName(b []byte) (string, error) {
+	s := cursor(b)
+	if !s.skip(2+32) || // legacy_version, random
+		!s.skipVec(1) || // legacy_session_id
+		!s.skipVec(2) || // cipher_suites
+		!s.skipVec(1) { // legacy_compression_methods
+		return "", fmt.Errorf("%w: truncated", errBadHello)
+	}
+	if len(s) == 0 {
+		return "", nil // no extensions at all (SSLv3-style hello)
+	}
+	exts, ok := s.vec(2)
+	if !ok {
+		return "", fmt.Errorf("%w: bad extensions length", errBadHello)
+	}
+	for len(exts) > 0 {
+		typ, ok1 := exts.u16()
+		data, ok2 := exts.vec(2)
+		if !ok1 || !ok2 {
+			return "", fmt.Errorf("%w: truncated extension", errBadHello)
+		}
+		if typ != 0 { // server_name
+			continue
+		}
+		list, ok := data.vec(2)
+		if !ok {
+			return "", fmt.Errorf("%w: bad server_name list", errBadHello)
+		}
+		for len(list) > 0 {
+			nameType, ok1 := list.u8()
+			name, ok2 := list.vec(2)
+			if !ok1 || !ok2 {
+				return "", fmt.Errorf("%w: bad server_name entry", errBadHello)
+			}
+			if nameType == 0 { // host_name
+				if len(name) == 0 || len(name) > 255 {
+					return "", fmt.Errorf("%w: bad host_name length", errBadHello)
+				}
+				return string(name), nil
+			}
+		}
+		return "", nil
+	}
+	return "", nil
+}
+
+// cursor is a bounds-checked reader over a byte slice.
+type cursor []byte
+
+func (c *cursor) skip(n int) bool {
+	if len(*c) < n {
+		return false
+	}
+	*c = (*c)[n:]
+	return true
+}
+
+func (c *cursor) u8() (byte, bool) {
+	if len(*c) < 1 {
+		return 0, false
+	}
+	v := (*c)[0]
+	*c = (*c)[1:]
+	return v, true
+}
+
+func (c *cursor) u16() (uint16, bool) {
+	if len(*c) < 2 {
+		return 0, false
+	}
+	v := binary.BigEndian.Uint16(*c)
+	*c = (*c)[2:]
+	return v, true
+}
+
+// vec reads a vector with a lenBytes-long big-endian length prefix.
+func (c *cursor) vec(lenBytes int) (cursor, bool) {
+	if len(*c) < lenBytes {
+		return nil, false
+	}
+	n := 0
+	for i := 0; i < lenBytes; i++ {
+		n = n<<8 | int((*c)[i])
+	}
+	*c = (*c)[lenBytes:]
+	if len(*c) < n {
+		return nil, false
+	}
+	v := (*c)[:n]
+	*c = (*c)[n:]
+	return v, true
+}
+
+func (c *cursor) skipVec(lenBytes int) bool {
+	_, ok := c.vec(lenBytes)
+	return ok
+}

@@ -1,0 +1,198 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/portcullis/portcullis/firewall"
+	"github.com/portcullis/portcullis/l7"
+	"github.com/portcullis/portcullis/proxyproto"
+)
+
+// helloBufs recycles ClientHello buffers between connections; most
+// hellos fit the initial size.
+var helloBufs = sync.Pool{New: func() any { b := make([]byte, 0, helloBufInitSize); return &b }}
+
+// serveConn takes one accepted connection through the pre-routing stages
+// in order — PROXY header, firewall, ClientHello — each reading from the
+// bare socket, so nothing is ever buffered past what a stage needs.
+func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListener, c *net.TCPConn) {
+	defer s.conns.Done()
+	defer lc.m.active.Dec()
+	defer rl.active.Add(-1)
+
+	start := time.Now()
+	peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
+	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	client := peer
+
+	// A hard shutdown closes the socket, which unblocks any stage below.
+	stop := context.AfterFunc(s.hardCtx, func() { c.Close() })
+	defer stop()
+
+	c.SetReadDeadline(start.Add(lc.handshakeTimeout))
+	if lc.proxyProtocol {
+		if !containsAddr(lc.trusted, peer.Addr()) {
+			s.reject(rl, lc, c, reasonBadProxyHeader, peer, errors.New("sender not in proxy_protocol_trusted"))
+			return
+		}
+		h, err := proxyproto.Read(c)
+		if err != nil {
+			s.reject(rl, lc, c, timeoutOr(err, reasonBadProxyHeader), peer, err)
+			return
+		}
+		if h.Command == proxyproto.Proxy && h.Source.IsValid() {
+			client = netip.AddrPortFrom(h.Source.Addr().Unmap(), h.Source.Port())
+		}
+	}
+
+	// The blocklist goes first so a blocked address spends no rate-limit
+	// quota.
+	switch snap.rules.Check(client.Addr()) {
+	case firewall.BlockedIP:
+		s.reject(rl, lc, c, reasonBlockedIP, client, nil)
+		return
+	case firewall.BlockedCountry:
+		s.reject(rl, lc, c, reasonBlockedCountry, client, nil)
+		return
+	}
+	if snap.limiter != nil && !snap.limiter.Allow(client.Addr(), start) {
+		s.reject(rl, lc, c, reasonRateLimited, client, nil)
+		return
+	}
+
+	bufp := helloBufs.Get().(*[]byte)
+	defer func() { helloBufs.Put(bufp) }()
+	hello, err := readClientHello(c, *bufp)
+	if cap(hello.raw) <= 4*helloBufInitSize {
+		*bufp = hello.raw[:0] // keep a grown buffer, within reason
+	}
+	if err != nil {
+		s.reject(rl, lc, c, timeoutOr(err, reasonBadClientHello), client, err)
+		return
+	}
+	r := lc.routes.lookup(hello.sni)
+	if r == nil {
+		s.reject(rl, lc, c, reasonNoRoute, client, nil)
+		return
+	}
+	c.SetReadDeadline(time.Time{})
+	r.m.conns.Inc()
+
+	if r.l7 != nil {
+		// crypto/tls owns the connection from here; the hello bytes are
+		// replayed into it, so they must not go back to the pool.
+		raw := append([]byte(nil), hello.raw...)
+		r.l7.ServeConn(s.drainCtx, c, raw, l7.ConnInfo{
+			Client:         client,
+			Local:          local,
+			TrustForwarded: containsAddr(lc.forwardedTrusted, peer.Addr()),
+			SNI:            hello.sni,
+		})
+		s.log.Info("connection", "listener", lc.name, "client", client, "sni", hello.sni,
+			"route", r.sni, "mode", "l7", "backend", r.backend, "duration", time.Since(start))
+		return
+	}
+
+	dialStart := time.Now()
+	d := net.Dialer{Timeout: lc.dialTimeout}
+	bconn, err := d.DialContext(s.hardCtx, "tcp", r.backend)
+	if err != nil {
+		s.reject(rl, lc, c, reasonBackendUnreachable, client, err)
+		return
+	}
+	r.m.dial.Observe(time.Since(dialStart).Seconds())
+	b := bconn.(*net.TCPConn)
+	stopB := context.AfterFunc(s.hardCtx, func() { b.Close() })
+	defer stopB()
+
+	// PROXY v2 header and the recorded ClientHello go out in one write.
+	out := hello.raw
+	if r.sendProxy {
+		out = proxyproto.AppendV2(make([]byte, 0, 64+len(hello.sni)+len(hello.raw)), client, local, hello.sni)
+		out = append(out, hello.raw...)
+	}
+	if _, err := b.Write(out); err != nil {
+		b.Close()
+		s.reject(rl, lc, c, reasonBackendUnreachable, client, err)
+		return
+	}
+
+	res := relay(c, b, lc.idleTimeout)
+	res.toBackend += int64(len(hello.raw))
+	r.m.toBackend.Add(float64(res.toBackend))
+	r.m.toClient.Add(float64(res.toClient))
+	c.Close()
+	b.Close()
+	s.log.Info("connection", "listener", lc.name, "client", client, "sni", hello.sni,
+		"route", r.sni, "backend", r.backend, "bytes_in", res.toBackend, "bytes_out", res.toClient,
+		"duration", time.Since(start), "end", res.end)
+}
+
+// timeoutOr classifies a pre-routing read error: a deadline that expired
+// is a handshake timeout, anything else is the stage's own reason.
+func timeoutOr(err error, otherwise reason) reason {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return reasonHandshakeTimeout
+	}
+	return otherwise
+}
+
+// sampler rate-limits log lines per message so a flood of rejections
+// cannot flood the log: at most burst lines per interval per message,
+// then one line saying how many were suppressed. Keys come from a small
+// fixed set (rejection reasons), so the map stays small.
+type sampler struct {
+	burst    int
+	interval time.Duration
+
+	mu    sync.Mutex
+	state map[string]*sampleState
+}
+
+type sampleState struct {
+	windowStart time.Time
+	n           int
+	suppressed  int
+}
+
+func newSampler(burst int, interval time.Duration) *sampler {
+	return &sampler{burst: burst, interval: interval, state: map[string]*sampleState{}}
+}
+
+func (s *sampler) log(l *slog.Logger, level slog.Level, key, msg string, attrs ...any) {
+	if !l.Enabled(context.Background(), level) {
+		return
+	}
+	now := time.Now()
+	s.mu.Lock()
+	st := s.state[key]
+	if st == nil {
+		st = &sampleState{}
+		s.state[key] = st
+	}
+	if now.Sub(st.windowStart) >= s.interval {
+		st.windowStart, st.n = now, 0
+	}
+	st.n++
+	if st.n > s.burst {
+		st.suppressed++
+		s.mu.Unlock()
+		return
+	}
+	suppressed := st.suppressed
+	st.suppressed = 0
+	s.mu.Unlock()
+	if suppressed > 0 {
+		attrs = append(attrs, "suppressed", suppressed)
+	}
+	l.Log(context.Background(), level, msg, attrs...)
+}

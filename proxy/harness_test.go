@@ -1,0 +1,184 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/goleak"
+
+	"github.com/portcullis/portcullis/config"
+	"github.com/portcullis/portcullis/testnet"
+	"github.com/portcullis/portcullis/testpki"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// harness runs a Server on a config written to a temp file.
+type harness struct {
+	t   *testing.T
+	srv *Server
+	reg *prometheus.Registry
+	dir string
+}
+
+// startProxy compiles and applies a config whose text is toml. Listener
+// addresses should be 127.0.0.1:0.
+func startProxy(t *testing.T, toml string) *harness {
+	t.Helper()
+	h := &harness{t: t, reg: prometheus.NewRegistry(), dir: t.TempDir()}
+	var log *slog.Logger
+	if os.Getenv("PORTCULLIS_TEST_LOG") != "" {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	h.srv = NewServer(Options{Registerer: h.reg, Logger: log})
+	h.apply(toml)
+	t.Cleanup(func() { h.srv.Shutdown(canceledCtx()) })
+	return h
+}
+
+func (h *harness) apply(toml string) {
+	h.t.Helper()
+	path := filepath.Join(h.dir, "portcullis.toml")
+	if err := os.WriteFile(path, []byte(toml), 0o600); err != nil {
+		h.t.Fatal(err)
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	snap, err := h.srv.Compile(cfg)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if err := h.srv.Apply(snap); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+func (h *harness) addr(listener string) string {
+	a := h.srv.Addr(listener)
+	if !a.IsValid() {
+		h.t.Fatalf("no listener %q", listener)
+	}
+	return a.String()
+}
+
+// rejected reads the rejection counter for a listener and reason.
+func (h *harness) rejected(listener, why string) float64 {
+	return testutil.ToFloat64(h.srv.metrics.rejected.WithLabelValues(listener, why))
+}
+
+// waitFor polls cond; it exists because counters are updated by the
+// connection goroutine after the client has already seen the close.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// tlsBackend is a TLS server that greets every client with its name
+// and then echoes.
+type tlsBackend struct {
+	ln   net.Listener
+	name string
+	wg   sync.WaitGroup
+}
+
+func newTLSBackend(t *testing.T, ca *testpki.CA, name string, hosts ...string) *tlsBackend {
+	t.Helper()
+	leaf := ca.Leaf(t, hosts...)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{leaf.Cert}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &tlsBackend{ln: ln, name: name}
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b.wg.Add(1)
+			go func() {
+				defer b.wg.Done()
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(30 * time.Second))
+				io.WriteString(c, b.name+"\n")
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); b.wg.Wait() })
+	return b
+}
+
+func (b *tlsBackend) addr() string { return b.ln.Addr().String() }
+
+// rawBackend accepts plain TCP and hands each connection to serve.
+func rawBackend(t *testing.T, serve func(c *net.TCPConn)) string { return testnet.Backend(t, serve) }
+
+// dialTLS connects through the proxy with SNI name and returns the
+// backend's greeting line.
+func dialTLS(t *testing.T, addr, name string, ca *testpki.CA) (*tls.Conn, string) {
+	t.Helper()
+	c, err := tls.Dial("tcp", addr, &tls.Config{ServerName: name, RootCAs: ca.Pool()})
+	if err != nil {
+		t.Fatalf("dial %s via %s: %v", name, addr, err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	line, err := readLine(c)
+	if err != nil {
+		t.Fatalf("read greeting for %s: %v", name, err)
+	}
+	return c, line
+}
+
+func readLine(r io.Reader) (string, error) { return testnet.ReadLine(r) }
+
+// clientHelloBytes returns the records a real crypto/tls client sends
+// first, for the given config.
+func clientHelloBytes(t testing.TB, cfg *tls.Config) []byte { return testnet.ClientHello(t, cfg) }
+
+// splitRecord re-frames a single-record ClientHello as two records.
+func splitRecord(rec []byte, at int) []byte {
+	body := rec[5:]
+	mk := func(p []byte) []byte {
+		return append([]byte{0x16, rec[1], rec[2], byte(len(p) >> 8), byte(len(p))}, p...)
+	}
+	return append(mk(body[:at]), mk(body[at:])...)
+}
+
+func routeTOML(sni, backend string, extra ...string) string {
+	return fmt.Sprintf("\n  [[listener.route]]\n  sni = %q\n  backend = %q\n%s", sni, backend, strings.Join(extra, "\n"))
+}
+
+func canceledCtx() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}
+
+func (h *harness) routeBytes(listener, route, dir string) float64 {
+	return testutil.ToFloat64(h.srv.metrics.routeBytes.WithLabelValues(listener, route, dir))
+}

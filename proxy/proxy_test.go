@@ -1,0 +1,590 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/portcullis/portcullis/testpki"
+)
+
+func TestRoutingBySNI(t *testing.T) {
+	ca := testpki.NewCA(t)
+	a := newTLSBackend(t, ca, "A", "a.test")
+	b := newTLSBackend(t, ca, "B", "b.test")
+	w := newTLSBackend(t, ca, "W", "x.w.test")
+	d := newTLSBackend(t, ca, "D", "y.x.w.test", "w.test", "other.test", "127.0.0.1")
+	h := startProxy(t, `
+[[listener]]
+name = "public"
+listen = "127.0.0.1:0"
+`+routeTOML("a.test", a.addr())+routeTOML("B.Test.", b.addr())+routeTOML("*.w.test", w.addr())+routeTOML("*", d.addr()))
+	addr := h.addr("public")
+
+	for _, tc := range []struct{ sni, want string }{
+		{"a.test", "A"},
+		{"b.test", "B"}, // configured as "B.Test." — normalised
+		{"x.w.test", "W"},
+		{"y.x.w.test", "D"}, // a wildcard covers one label only
+		{"w.test", "D"},     // nor the bare parent
+		{"other.test", "D"},
+		{"127.0.0.1", "D"}, // crypto/tls sends no SNI for an IP
+	} {
+		t.Run(tc.sni, func(t *testing.T) {
+			c, got := dialTLS(t, addr, tc.sni, ca)
+			defer c.Close()
+			if got != tc.want {
+				t.Fatalf("routed to %q, want %q", got, tc.want)
+			}
+			// The relay is a real TLS session end to end.
+			io.WriteString(c, "ping")
+			buf := make([]byte, 4)
+			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
+				t.Fatalf("echo: %q %v", buf, err)
+			}
+		})
+	}
+}
+
+func TestRouteLookup(t *testing.T) {
+	tbl := newRouteTable()
+	for _, p := range []string{"app.example.com", "*.example.com", "*.b.example.com", "*"} {
+		tbl.add(&route{sni: p})
+	}
+	for _, tc := range []struct{ in, want string }{
+		{"app.example.com", "app.example.com"},
+		{"APP.Example.COM", "app.example.com"},
+		{"app.example.com.", "app.example.com"},
+		{"x.example.com", "*.example.com"},
+		{"a.b.example.com", "*.b.example.com"},
+		{"a.c.example.com", "*"},
+		{"example.com", "*"},
+		{"", "*"},
+	} {
+		if got := tbl.lookup(tc.in); got == nil || got.sni != tc.want {
+			t.Errorf("lookup(%q) = %v, want %q", tc.in, got, tc.want)
+		}
+	}
+	noDefault := newRouteTable()
+	noDefault.add(&route{sni: "a.test"})
+	if r := noDefault.lookup("b.test"); r != nil {
+		t.Errorf("lookup without default = %q, want nil", r.sni)
+	}
+}
+
+// matchBackend reads exactly len(want) bytes and answers "match" or
+// "mismatch", then echoes.
+func matchBackend(t *testing.T, want []byte) string {
+	return rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		got := make([]byte, len(want))
+		if _, err := io.ReadFull(c, got); err != nil {
+			return
+		}
+		if bytes.Equal(got, want) {
+			io.WriteString(c, "match\n")
+		} else {
+			io.WriteString(c, "mismatch\n")
+		}
+		io.Copy(c, c)
+	})
+}
+
+func TestClientHelloShapes(t *testing.T) {
+	small := clientHelloBytes(t, &tls.Config{ServerName: "shape.test"})
+	var protos []string
+	for i := 0; i < 60; i++ {
+		protos = append(protos, fmt.Sprintf("proto-%02d-padding-padding", i))
+	}
+	large := clientHelloBytes(t, &tls.Config{ServerName: "shape.test", NextProtos: protos})
+	if len(large) <= 1500 {
+		t.Fatalf("large ClientHello is only %d bytes", len(large))
+	}
+	twoRecords := splitRecord(small, 40)
+
+	for _, tc := range []struct {
+		name  string
+		bytes []byte
+		write func(c net.Conn, b []byte) error
+	}{
+		{"whole", small, writeAll},
+		{"byte by byte", small, writeBytewise},
+		{"two records", twoRecords, writeAll},
+		{"two records byte by byte", twoRecords, writeBytewise},
+		{"over 1500 bytes", large, writeAll},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			backend := matchBackend(t, tc.bytes)
+			h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("shape.test", backend))
+			c, err := net.Dial("tcp", h.addr("l"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if err := tc.write(c, tc.bytes); err != nil {
+				t.Fatal(err)
+			}
+			if line, err := readLine(c); line != "match" {
+				t.Fatalf("backend saw %q (%v); the replayed bytes differ from what was sent", line, err)
+			}
+		})
+	}
+}
+
+func writeAll(c net.Conn, b []byte) error { _, err := c.Write(b); return err }
+
+func writeBytewise(c net.Conn, b []byte) error {
+	c.(*net.TCPConn).SetNoDelay(true)
+	for i := range b {
+		if _, err := c.Write(b[i : i+1]); err != nil {
+			return err
+		}
+		if i%64 == 0 {
+			time.Sleep(time.Millisecond) // let some bytes arrive as their own segments
+		}
+	}
+	return nil
+}
+
+func TestRejections(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "known.test"})
+	unknown := clientHelloBytes(t, &tls.Config{ServerName: "unknown.test"})
+	dead, _ := net.Listen("tcp", "127.0.0.1:0")
+	deadAddr := dead.Addr().String()
+	dead.Close() // nothing listens here now
+
+	h := startProxy(t, `
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+handshake_timeout = "300ms"
+dial_timeout = "2s"
+`+routeTOML("known.test", deadAddr))
+	addr := h.addr("l")
+
+	for _, tc := range []struct {
+		name, reason string
+		send         []byte
+	}{
+		{"plain HTTP", "bad_client_hello", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")},
+		{"five bytes", "bad_client_hello", []byte{0x16, 3, 1, 0, 0}},
+		{"truncated record", "bad_client_hello", hello[:20]},
+		{"silent client", "handshake_timeout", nil},
+		{"no route", "no_route", unknown},
+		{"unreachable backend", "backend_unreachable", hello},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := h.rejected("l", tc.reason)
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if tc.send != nil {
+				c.Write(tc.send)
+			}
+			if tc.name == "truncated record" {
+				c.(*net.TCPConn).CloseWrite()
+			}
+			// The proxy closes the connection; the read ends with EOF or a reset.
+			if n, err := c.Read(make([]byte, 1)); err == nil {
+				t.Fatalf("read %d bytes, want the connection closed", n)
+			}
+			waitFor(t, tc.reason+" counted", func() bool { return h.rejected("l", tc.reason) == before+1 })
+		})
+	}
+}
+
+func TestHalfClose(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "hc.test"})
+	t.Run("client shuts write first", func(t *testing.T) {
+		backend := rawBackend(t, func(c *net.TCPConn) {
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			got, _ := io.ReadAll(c) // until the client's FIN arrives
+			fmt.Fprintf(c, "got %d bytes", len(got))
+		})
+		h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("hc.test", backend))
+		c, err := net.Dial("tcp", h.addr("l"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write(append(append([]byte{}, hello...), "payload"...))
+		c.(*net.TCPConn).CloseWrite()
+		reply, err := io.ReadAll(c)
+		if want := fmt.Sprintf("got %d bytes", len(hello)+7); string(reply) != want || err != nil {
+			t.Fatalf("reply %q (%v), want %q", reply, err, want)
+		}
+	})
+	t.Run("backend shuts write first", func(t *testing.T) {
+		backend := rawBackend(t, func(c *net.TCPConn) {
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			io.ReadFull(c, make([]byte, len(hello)))
+			io.WriteString(c, "early reply")
+			c.CloseWrite()
+			rest, _ := io.ReadAll(c)
+			if string(rest) != "late request" {
+				t.Errorf("backend got %q after its half-close", rest)
+			}
+		})
+		h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("hc.test", backend))
+		c, err := net.Dial("tcp", h.addr("l"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write(hello)
+		reply, err := io.ReadAll(c) // EOF from the backend's half-close
+		if string(reply) != "early reply" || err != nil {
+			t.Fatalf("reply %q (%v)", reply, err)
+		}
+		io.WriteString(c, "late request")
+		c.(*net.TCPConn).CloseWrite()
+		c.Read(make([]byte, 1)) // wait for the full close
+	})
+}
+
+func TestLargeTransferIntact(t *testing.T) {
+	const size = 64 << 20
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "bulk.test"})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(2 * time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		io.Copy(c, c) // echo everything back
+		c.CloseWrite()
+	})
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("bulk.test", backend))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Minute))
+	c.Write(hello)
+
+	sent := sha256.New()
+	go func() {
+		rng := rand.NewChaCha8([32]byte{7})
+		buf := make([]byte, 256<<10)
+		for n := 0; n < size; n += len(buf) {
+			rng.Read(buf)
+			sent.Write(buf)
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+		}
+		c.(*net.TCPConn).CloseWrite()
+	}()
+	got := sha256.New()
+	n, err := io.Copy(got, c)
+	if err != nil || n != size {
+		t.Fatalf("read back %d bytes (%v), want %d", n, err, size)
+	}
+	if !bytes.Equal(got.Sum(nil), sent.Sum(nil)) {
+		t.Fatal("64 MiB came back with a different SHA-256")
+	}
+	waitFor(t, "byte counters", func() bool {
+		return h.routeBytes("l", "bulk.test", "backend_to_client") == size
+	})
+	if v := h.routeBytes("l", "bulk.test", "client_to_backend"); v != size+float64(len(hello)) {
+		t.Fatalf("client_to_backend = %v, want %d", v, size+len(hello))
+	}
+}
+
+func TestThousandConcurrentConnections(t *testing.T) {
+	const n = 1000
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "many.test"})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		io.Copy(c, c)
+	})
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("many.test", backend))
+	addr := h.addr("l")
+
+	conns := make([]net.Conn, n)
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			conns[i] = c
+			c.SetDeadline(time.Now().Add(time.Minute))
+			msg := fmt.Sprintf("conn-%04d", i)
+			c.Write(append(append([]byte{}, hello...), msg...))
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+				errs <- fmt.Errorf("conn %d: echo %q %v", i, buf, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	waitFor(t, "all active", func() bool { return h.srv.Status()[0].Active == n })
+	for _, c := range conns {
+		c.Close()
+	}
+	waitFor(t, "all closed", func() bool { return h.srv.Status()[0].Active == 0 })
+	// TestMain's goleak check fails the run if any relay goroutine is left.
+}
+
+// TestRelayUsesSplice guards the zero-copy path: Go's splice keeps a pipe
+// per direction while it waits for data, so idle relays show up as pipe
+// descriptors. A relay that wrapped the sockets would copy through a user
+// space buffer and hold no pipes.
+func TestRelayUsesSplice(t *testing.T) {
+	if _, err := os.Stat("/proc/self/fd"); err != nil {
+		t.Skip("needs /proc")
+	}
+	const n = 20
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "splice.test"})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		io.WriteString(c, "ready\n")
+		io.Copy(io.Discard, c)
+	})
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("splice.test", backend))
+	// Earlier relays leave pipes in the runtime's pool; let the GC close
+	// them so the count below only sees pipes held by these relays.
+	before := countPipes(t)
+	for i := 0; i < 20; i++ {
+		runtime.GC()
+		time.Sleep(10 * time.Millisecond)
+		if n := countPipes(t); n < before {
+			before = n
+		} else if n == 0 {
+			break
+		}
+	}
+	var conns []net.Conn
+	for i := 0; i < n; i++ {
+		c, err := net.Dial("tcp", h.addr("l"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+		c.SetDeadline(time.Now().Add(time.Minute))
+		c.Write(hello)
+		if line, _ := readLine(c); line != "ready" {
+			t.Fatalf("greeting %q", line)
+		}
+	}
+	// Each idle relay direction blocks in splice holding a pipe (two
+	// descriptors); demand at least one pipe per connection.
+	waitFor(t, "splice pipes", func() bool { return countPipes(t)-before >= 2*n })
+}
+
+func countPipes(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, "pipe:") {
+			n++
+		}
+	}
+	return n
+}
+
+func TestIdleTimeout(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "idle.test"})
+	var mu sync.Mutex
+	received := map[string]int{}
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		tag, _ := readLine(c)
+		n, _ := io.Copy(io.Discard, c)
+		mu.Lock()
+		received[tag] = int(n)
+		mu.Unlock()
+	})
+	h := startProxy(t, `
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+idle_timeout = "400ms"
+`+routeTOML("idle.test", backend))
+
+	t.Run("silent relay is closed", func(t *testing.T) {
+		c, err := net.Dial("tcp", h.addr("l"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write(append(append([]byte{}, hello...), "silent\n"...))
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Fatal("read data, want close")
+		} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			t.Fatal("relay was not closed by idle_timeout")
+		}
+	})
+	t.Run("one-way traffic keeps it open", func(t *testing.T) {
+		c, err := net.Dial("tcp", h.addr("l"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write(append(append([]byte{}, hello...), "busy\n"...))
+		// Three idle periods of upload while the download side is
+		// silent: activity in either direction counts.
+		for i := 0; i < 15; i++ {
+			if _, err := c.Write([]byte("x")); err != nil {
+				t.Fatalf("write %d: %v", i, err)
+			}
+			time.Sleep(80 * time.Millisecond)
+		}
+		c.(*net.TCPConn).CloseWrite()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.Copy(io.Discard, c)
+		waitFor(t, "backend result", func() bool { mu.Lock(); defer mu.Unlock(); _, ok := received["busy"]; return ok })
+		mu.Lock()
+		defer mu.Unlock()
+		if received["busy"] != 15 {
+			t.Fatalf("backend received %d bytes, want 15: the relay was cut while active", received["busy"])
+		}
+	})
+}
+
+func TestMaxConnections(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "cap.test"})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		io.WriteString(c, "hi\n")
+		io.Copy(io.Discard, c)
+	})
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n"+routeTOML("cap.test", backend))
+	open := func() (net.Conn, error) {
+		c, err := net.Dial("tcp", h.addr("l"))
+		if err != nil {
+			return nil, err
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write(hello)
+		if line, err := readLine(c); line != "hi" {
+			c.Close()
+			return nil, fmt.Errorf("no greeting: %v", err)
+		}
+		return c, nil
+	}
+	c1, err := open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c1.Close()
+	c2, err := open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := open(); err == nil {
+		t.Fatal("third connection got through a cap of 2")
+	}
+	waitFor(t, "rejection counted", func() bool { return h.rejected("l", "max_connections") == 1 })
+	c2.Close()
+	waitFor(t, "slot freed", func() bool { return h.srv.Status()[0].Active == 1 })
+	c3, err := open()
+	if err != nil {
+		t.Fatalf("after closing one, a new connection was refused: %v", err)
+	}
+	c3.Close()
+}
+
+func TestShutdownDrains(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "drain.test"})
+	release := make(chan struct{})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		<-release
+		io.WriteString(c, "finished\n")
+	})
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("drain.test", backend))
+	addr := h.addr("l")
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	c.Write(hello)
+	waitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
+
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		done <- h.srv.Shutdown(ctx)
+	}()
+	// New connections are refused once the listener is closed…
+	waitFor(t, "listener closed", func() bool {
+		nc, err := net.Dial("tcp", addr)
+		if err == nil {
+			nc.Close()
+		}
+		return err != nil
+	})
+	// …while the live one finishes normally.
+	close(release)
+	if line, err := readLine(c); line != "finished" {
+		t.Fatalf("live connection cut during drain: %q %v", line, err)
+	}
+	c.Close() // the client's half ends the relay
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+}
+
+func TestShutdownGraceExpires(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "stuck.test"})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.Copy(io.Discard, c)
+	})
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("stuck.test", backend))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(hello)
+	waitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if err := h.srv.Shutdown(ctx); err != context.DeadlineExceeded {
+		t.Fatalf("Shutdown = %v, want DeadlineExceeded", err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatal("connection still open after the grace period")
+	}
+}

@@ -1,0 +1,316 @@
+// Package proxy is the data path: listeners, the accept loop, connection
+// limits, the PROXY header and firewall checks, the ClientHello peek,
+// route lookup, backend dial and the zero-copy relay.
+//
+// It reads compiled snapshots and never changes them:
+//
+//	srv := proxy.NewServer(proxy.Options{Logger: log, Registerer: reg})
+//	snap, err := srv.Compile(cfg) // all-or-nothing; errors carry file:line:key
+//	err = srv.Apply(snap)         // opens new sockets, swaps, closes removed ones
+//	...
+//	srv.Shutdown(ctx)             // stop accepting, drain until ctx ends, then close
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portcullis/portcullis/config"
+	"github.com/portcullis/portcullis/l7"
+)
+
+// Options configure a Server. The zero value works: logs are discarded
+// and metrics go to a private registry.
+type Options struct {
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Server runs the listeners of the current snapshot.
+type Server struct {
+	log       *slog.Logger
+	metrics   *metrics
+	l7metrics *l7.Metrics
+	rejectLog *sampler
+
+	current atomic.Pointer[Snapshot]
+
+	mu        sync.Mutex // serialises Apply and Shutdown
+	listeners map[string]*runningListener
+	closing   bool
+
+	// drainCtx is cancelled when shutdown begins (L7 connections start a
+	// graceful close); hardCtx when the grace period ends (every
+	// remaining connection is closed).
+	drainCtx, hardCtx       context.Context
+	cancelDrain, cancelHard context.CancelFunc
+	conns                   sync.WaitGroup
+}
+
+// NewServer returns a Server with no listeners.
+func NewServer(o Options) *Server {
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	reg := o.Registerer
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	s := &Server{
+		log:       log,
+		metrics:   newMetrics(reg),
+		l7metrics: l7.NewMetrics(reg),
+		rejectLog: newSampler(10, time.Second),
+		listeners: map[string]*runningListener{},
+	}
+	s.drainCtx, s.cancelDrain = context.WithCancel(context.Background())
+	s.hardCtx, s.cancelHard = context.WithCancel(context.Background())
+	return s
+}
+
+// runningListener is an open socket. It outlives snapshots: a reload
+// that keeps the address keeps the socket, its counters and its live
+// connections.
+type runningListener struct {
+	addr     string
+	ln       *net.TCPListener
+	active   atomic.Int64
+	total    atomic.Uint64
+	rejected [numReasons]atomic.Uint64
+	done     chan struct{} // closed when serveListener returns
+}
+
+// Compile builds a snapshot from an effective config, reusing state the
+// current snapshot can lend (rate-limiter counters, the GeoIP database).
+// Nothing is published; pass the result to Apply, or Discard it.
+func (s *Server) Compile(cfg *config.Config) (*Snapshot, error) {
+	return s.compile(cfg, s.current.Load())
+}
+
+// Discard frees a compiled snapshot that will not be applied.
+func (s *Server) Discard(snap *Snapshot) {
+	if snap != nil && snap != s.current.Load() {
+		snap.release(s.current.Load())
+	}
+}
+
+// Current returns the published snapshot, or nil before the first Apply.
+func (s *Server) Current() *Snapshot { return s.current.Load() }
+
+// Apply publishes snap: it opens sockets for new listen addresses, swaps
+// the snapshot pointer, then closes listeners whose address is gone. If
+// any socket cannot be opened, the sockets opened so far are closed, the
+// old snapshot stays and the error names the listener.
+// Live connections are never touched; they finish on the snapshot they
+// started with.
+func (s *Server) Apply(snap *Snapshot) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return errors.New("proxy: server is shutting down")
+	}
+	var opened []*runningListener
+	for i, lc := range snap.order {
+		if _, ok := s.listeners[lc.addr]; ok {
+			continue
+		}
+		ln, err := net.Listen("tcp", lc.addr)
+		if err != nil {
+			for _, rl := range opened {
+				rl.ln.Close()
+			}
+			return snap.cfg.KeyError(fmt.Sprintf("listener[%d].listen", i), err)
+		}
+		opened = append(opened, &runningListener{addr: lc.addr, ln: ln.(*net.TCPListener), done: make(chan struct{})})
+	}
+
+	prev := s.current.Swap(snap)
+	for _, rl := range opened {
+		s.listeners[rl.addr] = rl
+		go s.serveListener(rl)
+	}
+	var removed []*runningListener
+	for addr, rl := range s.listeners {
+		if _, ok := snap.listeners[addr]; !ok {
+			rl.ln.Close()
+			delete(s.listeners, addr)
+			removed = append(removed, rl)
+		}
+	}
+	// Wait for the accept loops so the port is free when Apply returns.
+	for _, rl := range removed {
+		<-rl.done
+	}
+	if prev != nil {
+		prev.retire(snap)
+	}
+	return nil
+}
+
+// Addr returns the bound address of the listener called name in the
+// current snapshot (useful with port 0), or an invalid AddrPort.
+func (s *Server) Addr(name string) netip.AddrPort {
+	snap := s.current.Load()
+	if snap == nil {
+		return netip.AddrPort{}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, lc := range snap.order {
+		if lc.name == name {
+			if rl := s.listeners[lc.addr]; rl != nil {
+				return rl.ln.Addr().(*net.TCPAddr).AddrPort()
+			}
+		}
+	}
+	return netip.AddrPort{}
+}
+
+// ListenerStatus is a listener's live state, for the admin API.
+type ListenerStatus struct {
+	Name           string
+	Address        string // bound address
+	Active         int64
+	Total          uint64
+	MaxConnections int64
+	ProxyProtocol  bool
+	Rejected       map[string]uint64 // by reason; only non-zero reasons
+}
+
+// Status reports every listener of the current snapshot, by name.
+func (s *Server) Status() []ListenerStatus {
+	snap := s.current.Load()
+	if snap == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []ListenerStatus
+	for _, lc := range snap.order {
+		rl := s.listeners[lc.addr]
+		if rl == nil {
+			continue
+		}
+		st := ListenerStatus{
+			Name:           lc.name,
+			Address:        rl.ln.Addr().String(),
+			Active:         rl.active.Load(),
+			Total:          rl.total.Load(),
+			MaxConnections: lc.maxConns,
+			ProxyProtocol:  lc.proxyProtocol,
+			Rejected:       map[string]uint64{},
+		}
+		for r := reason(0); r < numReasons; r++ {
+			if n := rl.rejected[r].Load(); n > 0 {
+				st.Rejected[r.String()] = n
+			}
+		}
+		out = append(out, st)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Shutdown stops accepting, lets live connections finish until ctx is
+// done, then closes the rest. It returns ctx.Err() if connections had to
+// be cut.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closing = true
+	for addr, rl := range s.listeners {
+		rl.ln.Close()
+		<-rl.done
+		delete(s.listeners, addr)
+	}
+	s.mu.Unlock()
+	s.cancelDrain()
+
+	done := make(chan struct{})
+	go func() { s.conns.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+		s.cancelHard()
+		<-done
+	}
+	s.cancelHard()
+	if snap := s.current.Swap(nil); snap != nil {
+		snap.release(nil)
+	}
+	return err
+}
+
+// serveListener is the accept loop of one socket.
+func (s *Server) serveListener(rl *runningListener) {
+	defer close(rl.done)
+	var backoff time.Duration
+	for {
+		c, err := rl.ln.AcceptTCP()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of file descriptors and the like: back off instead
+			// of spinning, as net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.rejectLog.log(s.log, slog.LevelError, "accept", "accept failed", "listener", rl.addr, "err", err)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		snap := s.current.Load()
+		lc := snap.listeners[rl.addr]
+		if lc == nil { // the listener is being removed by a reload
+			c.Close()
+			continue
+		}
+		rl.total.Add(1)
+		lc.m.accepted.Inc()
+		// Only this goroutine increments active, so check-then-add
+		// cannot overshoot the cap.
+		if lc.maxConns > 0 && rl.active.Load() >= lc.maxConns {
+			s.reject(rl, lc, c, reasonMaxConnections, netip.AddrPort{}, nil)
+			continue
+		}
+		rl.active.Add(1)
+		lc.m.active.Inc()
+		s.conns.Add(1)
+		go s.serveConn(snap, lc, rl, c)
+	}
+}
+
+// reject counts and closes a connection turned away before relaying.
+// It resets rather than closes: the client learns at once and no
+// TIME_WAIT is left behind for connections that never did anything.
+func (s *Server) reject(rl *runningListener, lc *listenerConfig, c *net.TCPConn, why reason, client netip.AddrPort, err error) {
+	rl.rejected[why].Add(1)
+	lc.m.rejected[why].Inc()
+	c.SetLinger(0)
+	c.Close()
+	level := slog.LevelDebug // client garbage is not the operator's error
+	if why == reasonBackendUnreachable {
+		level = slog.LevelWarn
+	}
+	attrs := []any{"listener", lc.name, "reason", why.String()}
+	if client.IsValid() {
+		attrs = append(attrs, "client", client)
+	}
+	if err != nil {
+		attrs = append(attrs, "err", err)
+	}
+	s.rejectLog.log(s.log, level, why.String(), "connection rejected", attrs...)
+}

@@ -1,0 +1,266 @@
+package proxy
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/portcullis/portcullis/config"
+	"github.com/portcullis/portcullis/firewall"
+	"github.com/portcullis/portcullis/l7"
+)
+
+// Snapshot is an immutable, compiled routing configuration. The accept
+// loop loads the current one once per connection and hands it down, so a
+// connection sees one consistent world even while a reload swaps in the
+// next snapshot.
+type Snapshot struct {
+	cfg       *config.Config
+	listeners map[string]*listenerConfig // by canonical listen address
+	order     []*listenerConfig
+	rules     *firewall.Rules
+	limiter   *firewall.Limiter // nil: no rate limit
+	geo       *geoHandle        // nil: no GeoIP database
+	maxWait   time.Duration     // longest handshake_timeout, see retire
+}
+
+// Config returns the effective configuration the snapshot was compiled
+// from. Callers must not modify it.
+func (s *Snapshot) Config() *config.Config { return s.cfg }
+
+// listenerConfig is one listener's compiled settings.
+type listenerConfig struct {
+	name             string
+	addr             string // canonical host:port, the key listeners are matched by
+	maxConns         int64
+	proxyProtocol    bool
+	trusted          []netip.Prefix // PROXY header senders
+	forwardedTrusted []netip.Prefix
+	handshakeTimeout time.Duration
+	idleTimeout      time.Duration
+	dialTimeout      time.Duration
+	routes           *routeTable
+	m                listenerMetrics
+}
+
+// route is one compiled route.
+type route struct {
+	listener  string
+	sni       string // normalised pattern
+	backend   string
+	sendProxy bool
+	l7        *l7.Handler // nil for L4
+	m         routeMetrics
+}
+
+// geoHandle shares one opened GeoIP database between consecutive
+// snapshots while the file is unchanged.
+type geoHandle struct {
+	path string
+	size int64
+	mod  time.Time
+	db   *firewall.GeoDB
+}
+
+// compile turns an effective config into a snapshot. prev (may be nil)
+// lends state that must survive reloads: the rate limiter's counters and
+// an unchanged GeoIP database. Every failure names file, line and key.
+func (s *Server) compile(cfg *config.Config, prev *Snapshot) (_ *Snapshot, err error) {
+	snap := &Snapshot{cfg: cfg, listeners: map[string]*listenerConfig{}}
+	defer func() {
+		if err != nil {
+			snap.release(prev)
+		}
+	}()
+
+	if err := s.compileFirewall(snap, prev); err != nil {
+		return nil, err
+	}
+	for i := range cfg.Listeners {
+		l := &cfg.Listeners[i]
+		key := fmt.Sprintf("listener[%d]", i)
+		lc, err := s.compileListener(cfg, key, l)
+		// Append before checking err so release closes the L7 handlers
+		// of a half-compiled listener too.
+		if lc != nil {
+			snap.order = append(snap.order, lc)
+			snap.listeners[lc.addr] = lc
+		}
+		if err != nil {
+			return nil, err
+		}
+		snap.maxWait = max(snap.maxWait, lc.handshakeTimeout)
+	}
+	return snap, nil
+}
+
+func (s *Server) compileFirewall(snap *Snapshot, prev *Snapshot) error {
+	cfg := snap.cfg
+	f := cfg.Firewall
+	if cfg.GeoIP.Database != "" {
+		path := cfg.Resolve(cfg.GeoIP.Database)
+		st, err := os.Stat(path)
+		if err != nil {
+			return cfg.KeyError("geoip.database", err)
+		}
+		if prev != nil && prev.geo != nil && prev.geo.path == path && prev.geo.size == st.Size() && prev.geo.mod.Equal(st.ModTime()) {
+			snap.geo = prev.geo
+		} else {
+			db, err := firewall.OpenGeoDB(path)
+			if err != nil {
+				return cfg.KeyError("geoip.database", err)
+			}
+			snap.geo = &geoHandle{path: path, size: st.Size(), mod: st.ModTime(), db: db}
+		}
+	}
+	var geo *firewall.GeoDB
+	if snap.geo != nil {
+		geo = snap.geo.db
+	}
+	rules, err := firewall.NewRules(f.Block, f.BlockCountries, geo)
+	if err != nil {
+		return cfg.KeyError("firewall", err)
+	}
+	snap.rules = rules
+	if rl := f.RateLimit; rl != nil {
+		if prev != nil && prev.limiter != nil && prev.cfg.Firewall.RateLimit != nil && *prev.cfg.Firewall.RateLimit == *rl {
+			snap.limiter = prev.limiter // keep counting across reloads
+		} else {
+			snap.limiter = firewall.NewLimiter(rl.Connections, rl.Window.D(), rl.MaxSources)
+		}
+	}
+	return nil
+}
+
+func (s *Server) compileListener(cfg *config.Config, key string, l *config.Listener) (*listenerConfig, error) {
+	addr, err := canonicalAddr(l.Listen)
+	if err != nil {
+		return nil, cfg.KeyError(key+".listen", err)
+	}
+	lc := &listenerConfig{
+		name:             l.Name,
+		addr:             addr,
+		maxConns:         int64(l.MaxConnections),
+		proxyProtocol:    l.ProxyProtocol,
+		handshakeTimeout: l.HandshakeTimeout.D(),
+		idleTimeout:      l.IdleTimeout.D(),
+		dialTimeout:      l.DialTimeout.D(),
+		routes:           newRouteTable(),
+		m:                s.metrics.forListener(l.Name),
+	}
+	if lc.trusted, err = parsePrefixes(l.ProxyProtocolTrusted); err != nil {
+		return nil, cfg.KeyError(key+".proxy_protocol_trusted", err)
+	}
+	if lc.forwardedTrusted, err = parsePrefixes(l.ForwardedTrusted); err != nil {
+		return nil, cfg.KeyError(key+".forwarded_trusted", err)
+	}
+	for j := range l.Routes {
+		rc := &l.Routes[j]
+		r := &route{
+			listener:  l.Name,
+			sni:       rc.SNI,
+			backend:   rc.Backend,
+			sendProxy: rc.SendProxyProtocol,
+			m:         s.metrics.forRoute(l.Name, rc.SNI),
+		}
+		if rc.Mode == config.ModeL7 {
+			h, err := l7.NewHandler(l7.Options{
+				Route:             l.Name + "/" + rc.SNI,
+				CertFile:          cfg.Resolve(rc.TLSCert),
+				KeyFile:           cfg.Resolve(rc.TLSKey),
+				Backend:           rc.Backend,
+				Protocol:          rc.BackendProtocol,
+				BackendCAFile:     cfg.Resolve(rc.BackendCA),
+				BackendServerName: rc.BackendServerName,
+				SendProxyProtocol: rc.SendProxyProtocol,
+				DialTimeout:       lc.dialTimeout,
+				ResponseTimeout:   rc.ResponseTimeout.D(),
+				IdleTimeout:       lc.idleTimeout,
+				Logger:            s.log,
+				Metrics:           s.l7metrics,
+			})
+			if err != nil {
+				return lc, cfg.KeyError(fmt.Sprintf("%s.route[%d].tls_cert", key, j), err)
+			}
+			r.l7 = h
+		}
+		lc.routes.add(r)
+	}
+	return lc, nil
+}
+
+// release frees what this snapshot owns and prev does not share. It runs
+// when a compiled snapshot is thrown away unpublished.
+func (s *Snapshot) release(prev *Snapshot) {
+	for _, lc := range s.order {
+		for _, r := range lc.routes.all {
+			if r.l7 != nil {
+				r.l7.Close()
+			}
+		}
+	}
+	if s.geo != nil && (prev == nil || prev.geo != s.geo) {
+		s.geo.db.Close()
+	}
+}
+
+// retire is called when next replaced s. L7 handlers only drop idle
+// backend connections, so requests in flight finish. A GeoIP database
+// that next no longer uses is memory-mapped and may still be read by a
+// connection accepted just before the swap, whose firewall check comes
+// after its PROXY header (bounded by handshake_timeout); so it is closed
+// once that window has passed, not at once.
+func (s *Snapshot) retire(next *Snapshot) {
+	for _, lc := range s.order {
+		for _, r := range lc.routes.all {
+			if r.l7 != nil {
+				r.l7.Close()
+			}
+		}
+	}
+	if s.geo != nil && (next == nil || next.geo != s.geo) {
+		db := s.geo.db
+		time.AfterFunc(s.maxWait+5*time.Second, func() { db.Close() })
+	}
+}
+
+func parsePrefixes(ss []string) ([]netip.Prefix, error) {
+	var ps []netip.Prefix
+	for _, s := range ss {
+		p, err := config.ParsePrefix(s)
+		if err != nil {
+			return nil, err
+		}
+		ps = append(ps, p)
+	}
+	return ps, nil
+}
+
+func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
+	for _, p := range ps {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// canonicalAddr makes equal listen addresses equal strings, so a reload
+// that writes "[::]:443" for ":443"-style edits keeps the socket.
+func canonicalAddr(s string) (string, error) {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return "", err
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return "", fmt.Errorf("bad port %q", port)
+	}
+	if a, err := netip.ParseAddr(host); err == nil {
+		host = a.Unmap().String()
+	}
+	return net.JoinHostPort(host, strconv.FormatUint(n, 10)), nil
+}
