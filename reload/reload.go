@@ -1,0 +1,268 @@
+// Package reload turns the config file and the stored overrides into the
+// snapshot the proxy serves, and keeps it current: on file changes, on
+// SIGHUP, and after every admin mutation. Every path goes through one
+// all-or-nothing sequence — parse, validate, merge, compile, open new
+// sockets, swap, close removed sockets — so a failure anywhere leaves the
+// running snapshot untouched.
+//
+//	m, err := reload.New(reload.Options{Path: "portcullis.toml", Server: srv, Store: store})
+//	err = m.Start()           // first load; an error here is fatal
+//	go m.Watch(ctx)           // file changes, debounced
+//	err = m.Reload("sighup")  // explicit triggers
+package reload
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portcullis/portcullis/config"
+	"github.com/portcullis/portcullis/proxy"
+	"github.com/portcullis/portcullis/state"
+)
+
+// Options configure a Manager.
+type Options struct {
+	Path     string        // config file
+	Server   *proxy.Server // where snapshots are published
+	Store    *state.Store  // overrides; nil means none
+	Logger   *slog.Logger
+	Registry prometheus.Registerer // nil: a private registry
+	// Debounce is how long the watcher waits for a burst of file events
+	// to settle before reloading; 0 means DefaultDebounce.
+	Debounce time.Duration
+}
+
+// DefaultDebounce coalesces the several events one editor save makes.
+const DefaultDebounce = 100 * time.Millisecond
+
+// Status is the outcome of the latest reload attempt.
+type Status struct {
+	Path        string
+	Hash        string // hash of the file config now serving
+	LastAttempt time.Time
+	LastSuccess time.Time
+	LastResult  string // "success", "failure" or "unchanged"
+	LastError   string // with file:line:key when the file was at fault
+	LastTrigger string
+}
+
+// Manager owns the path from config file and overrides to the published
+// snapshot. Its methods are safe for concurrent use; reloads and
+// mutations are serialised.
+type Manager struct {
+	opts    Options
+	log     *slog.Logger
+	metrics *metrics
+
+	mu        sync.Mutex
+	file      *config.Config   // the last file config that compiled
+	overrides *state.Overrides // as stored
+	eff       *Effective
+	status    Status
+}
+
+// New makes a Manager. Nothing is loaded until Start.
+func New(o Options) *Manager {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Registry == nil {
+		o.Registry = prometheus.NewRegistry()
+	}
+	if o.Debounce <= 0 {
+		o.Debounce = DefaultDebounce
+	}
+	return &Manager{opts: o, log: o.Logger, metrics: newMetrics(o.Registry), status: Status{Path: o.Path}}
+}
+
+// Start performs the first load. Its error is the operator's to fix
+// before the daemon can run, so the caller should exit with it.
+func (m *Manager) Start(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	o := &state.Overrides{}
+	if m.opts.Store != nil {
+		var err error
+		if o, err = m.opts.Store.Load(ctx); err != nil {
+			return err
+		}
+	}
+	m.overrides = o
+	cfg, err := config.Load(m.opts.Path)
+	if err != nil {
+		return err
+	}
+	if err := m.publish(cfg, o); err != nil {
+		return err
+	}
+	m.file = cfg
+	m.record("startup", "success", nil)
+	if m.opts.Store != nil {
+		if h, err := m.opts.Store.FileHash(ctx); err == nil && h == "" {
+			// The first start with an empty database records which file
+			// it began from.
+			if err := m.opts.Store.SetFileHash(ctx, cfg.Hash()); err != nil {
+				m.log.Warn("recording config hash", "err", err)
+			}
+		}
+	}
+	return nil
+}
+
+// Reload re-reads the config file and publishes it merged with the
+// stored overrides. On any error the running snapshot stays, and the
+// error (with file:line:key) is returned, logged, counted and kept for
+// Status. trigger names the cause for logs and Status.
+func (m *Manager) Reload(trigger string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.reloadLocked(trigger, false)
+}
+
+// reloadLocked does the work of Reload. skipUnchanged recognises a
+// no-op: a file whose parsed content hashes the same as the one serving.
+// Explicit triggers (SIGHUP, the admin call) always recompile, so they
+// also pick up certificate files changed in place.
+func (m *Manager) reloadLocked(trigger string, skipUnchanged bool) error {
+	cfg, err := config.Load(m.opts.Path)
+	if err != nil {
+		m.record(trigger, "failure", err)
+		return err
+	}
+	if skipUnchanged && m.file != nil && cfg.Hash() == m.file.Hash() {
+		m.record(trigger, "unchanged", nil)
+		return nil
+	}
+	if err := m.publish(cfg, m.overrides); err != nil {
+		m.record(trigger, "failure", err)
+		return err
+	}
+	m.file = cfg
+	m.record(trigger, "success", nil)
+	return nil
+}
+
+// publish merges, validates, compiles and applies. m.mu is held.
+func (m *Manager) publish(file *config.Config, o *state.Overrides) error {
+	eff, snap, err := m.build(file, o)
+	if err != nil {
+		return err
+	}
+	if err := m.opts.Server.Apply(snap); err != nil {
+		m.opts.Server.Discard(snap)
+		return err
+	}
+	m.eff = eff
+	return nil
+}
+
+// build computes the effective config and compiles it, publishing
+// nothing. It is the validation step of an admin mutation too.
+func (m *Manager) build(file *config.Config, o *state.Overrides) (*Effective, *proxy.Snapshot, error) {
+	eff := Merge(file, o)
+	if err := eff.Config.Validate(); err != nil {
+		return nil, nil, err
+	}
+	snap, err := m.opts.Server.Compile(eff.Config)
+	if err != nil {
+		return nil, nil, err
+	}
+	return eff, snap, nil
+}
+
+// Mutate is the write-through path of the admin API. change edits a copy
+// of the stored overrides; the would-be effective config is validated
+// and compiled first, then write commits the same change to the
+// database, and only then is the snapshot published. If validation or
+// the write fails, memory and database are unchanged and the error is
+// returned (validation errors wrap ErrRejected).
+func (m *Manager) Mutate(ctx context.Context, change func(*state.Overrides) error, write func(context.Context, *state.Store) error) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.file == nil {
+		return errors.New("reload: not started")
+	}
+	next := m.overrides.Clone()
+	if err := change(next); err != nil {
+		return err
+	}
+	eff, snap, err := m.build(m.file, next)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrRejected, err)
+	}
+	if m.opts.Store != nil {
+		if err := write(ctx, m.opts.Store); err != nil {
+			m.opts.Server.Discard(snap)
+			return err
+		}
+	}
+	if err := m.opts.Server.Apply(snap); err != nil {
+		// Only a server that is shutting down refuses; the change is
+		// stored and will apply at the next start.
+		m.opts.Server.Discard(snap)
+		return err
+	}
+	m.overrides, m.eff = next, eff
+	return nil
+}
+
+// ErrRejected marks a mutation the effective config does not accept.
+var ErrRejected = errors.New("reload: rejected by the effective configuration")
+
+// Effective returns the effective config now serving, with origins.
+func (m *Manager) Effective() *Effective {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.eff
+}
+
+// Overrides returns a copy of the stored overrides now applied.
+func (m *Manager) Overrides() *state.Overrides {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.overrides.Clone()
+}
+
+// Status reports the latest reload attempt.
+func (m *Manager) Status() Status {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.status
+}
+
+func (m *Manager) record(trigger, result string, err error) {
+	now := time.Now()
+	m.status.LastAttempt = now
+	m.status.LastTrigger = trigger
+	m.status.LastResult = result
+	m.status.LastError = ""
+	m.metrics.reloads.WithLabelValues(result).Inc()
+	switch result {
+	case "failure":
+		m.status.LastError = err.Error()
+		m.metrics.lastOK.Set(0)
+		m.log.Error("reload failed; still serving the previous configuration", "trigger", trigger, "err", err)
+	case "success":
+		m.status.LastSuccess = now
+		m.status.Hash = m.file.Hash()
+		m.metrics.lastOK.Set(1)
+		m.metrics.lastSuccess.Set(float64(now.UnixNano()) / 1e9)
+		m.metrics.info.Reset()
+		m.metrics.info.WithLabelValues(m.status.Hash).Set(1)
+		m.log.Info("configuration loaded", "trigger", trigger, "hash", m.status.Hash[:12], "path", m.opts.Path)
+	case "unchanged":
+		m.metrics.lastOK.Set(1)
+		m.log.Debug("configuration unchanged", "trigger", trigger)
+	}
+}
+
+// isNotExist reports a config file that is missing at the moment, as
+// happens between the delete and the re-create of some save styles.
+func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }

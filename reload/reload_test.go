@@ -1,0 +1,457 @@
+package reload
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/goleak"
+
+	"github.com/portcullis/portcullis/proxy"
+	"github.com/portcullis/portcullis/testnet"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// rig is a Manager serving a config file in a temp dir, with the file
+// watcher running.
+type rig struct {
+	t     *testing.T
+	dir   string
+	path  string
+	srv   *proxy.Server
+	m     *Manager
+	hello []byte
+}
+
+func newRig(t *testing.T, cfg string) *rig {
+	t.Helper()
+	dir := t.TempDir()
+	r := &rig{t: t, dir: dir, path: filepath.Join(dir, "portcullis.toml")}
+	r.write(cfg)
+	r.start()
+	return r
+}
+
+// start runs a Manager on r.path (which may be a symlink).
+func (r *rig) start() {
+	t := r.t
+	r.srv = proxy.NewServer(proxy.Options{})
+	r.m = New(Options{Path: r.path, Server: r.srv, Debounce: 50 * time.Millisecond})
+	if err := r.m.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { r.m.Watch(ctx); close(done) }()
+	r.hello = testnet.ClientHello(t, &tls.Config{ServerName: "app.test"})
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		sctx, c := context.WithTimeout(context.Background(), 5*time.Second)
+		defer c()
+		r.srv.Shutdown(sctx)
+	})
+}
+
+func (r *rig) write(cfg string) {
+	r.t.Helper()
+	if err := os.WriteFile(r.path, []byte(cfg), 0o644); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+func (r *rig) count(result string) float64 {
+	return testutil.ToFloat64(r.m.metrics.reloads.WithLabelValues(result))
+}
+
+func (r *rig) ask(listener string) string {
+	a := r.srv.Addr(listener)
+	got, err := testnet.Ask(a.String(), r.hello)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	return got
+}
+
+// await polls until the listener routes app.test to want.
+func (r *rig) await(listener, want string) {
+	r.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := r.ask(listener)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			r.t.Fatalf("routed to %q, want %q (status %+v)", got, want, r.m.Status())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func appConfig(backend string) string {
+	return fmt.Sprintf(`
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+
+  [[listener.route]]
+  sni = "app.test"
+  backend = %q
+`, backend)
+}
+
+func TestTriggers(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+
+	t.Run("in-place write", func(t *testing.T) {
+		r := newRig(t, appConfig(a))
+		r.await("l", "A")
+		f, err := os.OpenFile(r.path, os.O_WRONLY|os.O_TRUNC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteString(appConfig(b))
+		f.Close()
+		r.await("l", "B")
+	})
+	t.Run("editor rename", func(t *testing.T) {
+		r := newRig(t, appConfig(a))
+		for i, want := range []string{"B", "A", "B"} { // keeps watching after each rename
+			backend := map[string]string{"A": a, "B": b}[want]
+			tmp := filepath.Join(r.dir, fmt.Sprintf(".portcullis.toml.swp%d", i))
+			os.WriteFile(tmp, []byte(appConfig(backend)), 0o644)
+			if err := os.Rename(tmp, r.path); err != nil {
+				t.Fatal(err)
+			}
+			r.await("l", want)
+		}
+	})
+	t.Run("delete and recreate", func(t *testing.T) {
+		r := newRig(t, appConfig(a))
+		os.Remove(r.path)
+		time.Sleep(150 * time.Millisecond) // past the debounce: the file is missing for a while
+		r.await("l", "A")                  // still serving
+		r.write(appConfig(b))
+		r.await("l", "B")
+	})
+	t.Run("kubernetes configmap swap", func(t *testing.T) {
+		dir := t.TempDir()
+		mk := func(ts, backend string) {
+			os.Mkdir(filepath.Join(dir, ts), 0o755)
+			os.WriteFile(filepath.Join(dir, ts, "portcullis.toml"), []byte(appConfig(backend)), 0o644)
+		}
+		mk("..2026_11_26_01", a)
+		os.Symlink("..2026_11_26_01", filepath.Join(dir, "..data"))
+		os.Symlink("..data/portcullis.toml", filepath.Join(dir, "portcullis.toml"))
+		r := &rig{t: t, dir: dir, path: filepath.Join(dir, "portcullis.toml")}
+		r.start()
+		r.await("l", "A")
+		for i, step := range []struct{ ts, backend, want string }{
+			{"..2026_11_26_02", b, "B"},
+			{"..2026_11_26_03", a, "A"},
+		} {
+			mk(step.ts, step.backend)
+			tmp := filepath.Join(dir, "..data_tmp")
+			os.Symlink(step.ts, tmp)
+			if err := os.Rename(tmp, filepath.Join(dir, "..data")); err != nil {
+				t.Fatal(err)
+			}
+			old := []string{"..2026_11_26_01", "..2026_11_26_02"}[i]
+			os.RemoveAll(filepath.Join(dir, old))
+			r.await("l", step.want)
+		}
+	})
+	t.Run("symlink to a file elsewhere", func(t *testing.T) {
+		real := filepath.Join(t.TempDir(), "real.toml")
+		os.WriteFile(real, []byte(appConfig(a)), 0o644)
+		dir := t.TempDir()
+		link := filepath.Join(dir, "portcullis.toml")
+		os.Symlink(real, link)
+		r := &rig{t: t, dir: dir, path: link}
+		r.start()
+		r.await("l", "A")
+		os.WriteFile(real, []byte(appConfig(b)), 0o644)
+		r.await("l", "B")
+	})
+	t.Run("explicit reload", func(t *testing.T) {
+		r := newRig(t, appConfig(a))
+		if err := r.m.Reload("sighup"); err != nil {
+			t.Fatal(err)
+		}
+		if st := r.m.Status(); st.LastTrigger != "sighup" || st.LastResult != "success" {
+			t.Fatalf("status %+v", st)
+		}
+	})
+}
+
+func TestDebounceOneReloadPerSave(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	r := newRig(t, appConfig(a))
+	before := r.count("success")
+	// One save that arrives as several writes, as some editors do.
+	f, _ := os.OpenFile(r.path, os.O_WRONLY|os.O_TRUNC, 0)
+	text := appConfig(b)
+	for i := 0; i < len(text); i += len(text)/5 + 1 {
+		f.WriteString(text[i:min(i+len(text)/5+1, len(text))])
+		f.Sync()
+	}
+	f.Close()
+	r.await("l", "B")
+	time.Sleep(300 * time.Millisecond) // several debounce periods: nothing more may come
+	if got := r.count("success") - before; got != 1 {
+		t.Fatalf("%v reloads for one save, want 1", got)
+	}
+	// Saving the same content again is recognised as a no-op.
+	r.write(appConfig(b))
+	waitFor(t, "unchanged result", func() bool { return r.count("unchanged") >= 1 })
+	if got := r.count("success") - before; got != 1 {
+		t.Fatalf("an identical save recompiled (%v successes)", got)
+	}
+}
+
+func TestBrokenFileKeepsServing(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	r := newRig(t, appConfig(a))
+	r.await("l", "A")
+	for _, broken := range []string{
+		appConfig(b) + "\nbogus_key = 1\n",
+		strings.Replace(appConfig(b), `backend =`, `backend = 7 #`, 1),
+		appConfig(b) + "\n[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n",
+		"[[listener]\n",
+	} {
+		fails := r.count("failure")
+		r.write(broken)
+		waitFor(t, "failure counted", func() bool { return r.count("failure") == fails+1 })
+		if got := r.ask("l"); got != "A" {
+			t.Fatalf("after a broken save, routed to %q", got)
+		}
+		st := r.m.Status()
+		if st.LastResult != "failure" || !strings.Contains(st.LastError, r.path+":") {
+			t.Fatalf("status does not name file:line: %+v", st)
+		}
+		if testutil.ToFloat64(r.m.metrics.lastOK) != 0 {
+			t.Fatal("last-reload gauge still says success")
+		}
+	}
+	r.write(appConfig(b))
+	r.await("l", "B")
+	if testutil.ToFloat64(r.m.metrics.lastOK) != 1 {
+		t.Fatal("last-reload gauge not back to 1")
+	}
+}
+
+func freePort(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func TestPortInUseRollsBack(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	r := newRig(t, appConfig(a))
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	free := freePort(t)
+	next := appConfig(b) + fmt.Sprintf(`
+[[listener]]
+name = "extra"
+listen = %q
+
+[[listener]]
+name = "busy"
+listen = %q
+`, free, busy.Addr().String())
+	r.write(next)
+	waitFor(t, "failure", func() bool { return r.count("failure") == 1 })
+	if !strings.Contains(r.m.Status().LastError, "listener[2].listen") {
+		t.Fatalf("error does not name the listener: %s", r.m.Status().LastError)
+	}
+	if got := r.ask("l"); got != "A" {
+		t.Fatalf("route changed despite the failed reload: %q", got)
+	}
+	// The listener that could be opened was closed again.
+	ln, err := net.Listen("tcp", free)
+	if err != nil {
+		t.Fatalf("the rolled-back listener still holds %s: %v", free, err)
+	}
+	ln.Close()
+	if n := len(r.srv.Status()); n != 1 {
+		t.Fatalf("%d listeners after rollback, want 1", n)
+	}
+}
+
+func TestListenerChanges(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	p1, p2 := freePort(t), freePort(t)
+	cfg := func(addrs ...string) string {
+		var s strings.Builder
+		for i, addr := range addrs {
+			fmt.Fprintf(&s, "[[listener]]\nname = \"l%d\"\nlisten = %q\n[[listener.route]]\nsni = \"*\"\nbackend = %q\n", i, addr, a)
+		}
+		return s.String()
+	}
+	r := newRig(t, cfg(p1))
+	r.await("l0", "A")
+
+	// A live connection on a listener that is about to be removed.
+	live, err := net.Dial("tcp", p1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	live.SetDeadline(time.Now().Add(10 * time.Second))
+	live.Write(r.hello)
+	if l, _ := testnet.ReadLine(live); l != "A" {
+		t.Fatalf("live greeting %q", l)
+	}
+
+	// Move the listener to another address.
+	r.write(cfg(p2))
+	waitFor(t, "new address", func() bool { return r.srv.Addr("l0").String() == p2 })
+	r.await("l0", "A")
+	ln, err := net.Listen("tcp", p1)
+	if err != nil {
+		t.Fatalf("removed listener's port is still bound: %v", err)
+	}
+	ln.Close()
+	// The live connection outlives its listener.
+	io.WriteString(live, "still here")
+	buf := make([]byte, 10)
+	if _, err := io.ReadFull(live, buf); err != nil || string(buf) != "still here" {
+		t.Fatalf("live connection broken by the reload: %q %v", buf, err)
+	}
+
+	// Add a second listener, then remove it.
+	r.write(cfg(p2, p1))
+	waitFor(t, "second listener", func() bool { return len(r.srv.Status()) == 2 })
+	r.await("l1", "A")
+	r.write(cfg(p2))
+	waitFor(t, "second listener gone", func() bool { return len(r.srv.Status()) == 1 })
+}
+
+func TestRouteVisibleRightAfterReload(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	r := newRig(t, appConfig(a))
+	for i := 0; i < 10; i++ {
+		want, backend := "B", b
+		if i%2 == 1 {
+			want, backend = "A", a
+		}
+		n := r.count("success")
+		r.write(appConfig(backend))
+		waitFor(t, "reload", func() bool { return r.count("success") > n })
+		// No polling: the very next connection must see the new route.
+		if got := r.ask("l"); got != want {
+			t.Fatalf("round %d: first connection after the reload went to %q, want %q", i, got, want)
+		}
+	}
+}
+
+// TestReloadsUnderLoad swaps the route back and forth 100 times while 50
+// connections stream data through it; none may break or lose a byte,
+// and nothing may be left behind.
+func TestReloadsUnderLoad(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	r := newRig(t, appConfig(a))
+	fdsBefore := countFDs(t)
+
+	const streams = 50
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	errs := make(chan error, streams)
+	for i := 0; i < streams; i++ {
+		c, err := net.Dial("tcp", r.srv.Addr("l").String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(2 * time.Minute))
+		c.Write(r.hello)
+		if l, _ := testnet.ReadLine(c); l != "A" {
+			t.Fatalf("stream %d greeting %q", i, l)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			msg := []byte(fmt.Sprintf("stream-%02d-payload-", i))
+			buf := make([]byte, len(msg))
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := c.Write(msg); err != nil {
+					errs <- fmt.Errorf("stream %d write %d: %v", i, n, err)
+					return
+				}
+				if _, err := io.ReadFull(c, buf); err != nil || string(buf) != string(msg) {
+					errs <- fmt.Errorf("stream %d read %d: %q %v", i, n, buf, err)
+					return
+				}
+			}
+		}()
+	}
+	for i := 0; i < 100; i++ {
+		backend := a
+		if i%2 == 0 {
+			backend = b
+		}
+		n := r.count("success")
+		r.write(appConfig(backend))
+		waitFor(t, "reload", func() bool { return r.count("success") > n })
+	}
+	close(stop)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := len(r.srv.Status()); n != 1 {
+		t.Fatalf("%d listeners, want 1", n)
+	}
+	waitFor(t, "connections closed", func() bool { return r.srv.Status()[0].Active == 0 })
+	waitFor(t, "descriptors released", func() bool { return countFDs(t) <= fdsBefore+8 })
+}
+
+func countFDs(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("needs /proc")
+	}
+	return len(ents)
+}
