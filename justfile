@@ -1,0 +1,35 @@
+# Every recipe is a plain command that also works without `just`.
+
+# Build the portcullis binary.
+build:
+    go build -o portcullis .
+
+# The README's test command (what CI runs).
+test:
+    go vet ./...
+    go test -race ./...
+
+# Hot-path micro-benchmarks (ClientHello parser, route lookup, firewall, PROXY parser).
+bench:
+    go test -run XXX -bench . -benchmem ./proxy/ ./firewall/ ./proxyproto/ ./reload/
+
+# Whole-proxy load benchmark against a direct connection (loopback only, bounded in time).
+loadbench:
+    go run ./bench -duration 5s
+
+# Run every fuzz target for a bounded time.
+fuzz seconds="30":
+    go test -run XXX -fuzz FuzzReadV1 -fuzztime {{seconds}}s ./proxyproto/
+    go test -run XXX -fuzz FuzzReadV2 -fuzztime {{seconds}}s ./proxyproto/
+    go test -run XXX -fuzz FuzzReadClientHello -fuzztime {{seconds}}s ./proxy/
+
+# Format and lint.
+fmt:
+    gofmt -w .
+    go vet ./...
+
+# Regenerate the admin API's gRPC code (needs protoc from Debian's protobuf-compiler).
+proto:
+    go install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+    go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1
+    protoc --go_out=. --go_opt=paths=source_relative --go-grpc_out=. --go-grpc_opt=paths=source_relative rpc/adminpb/admin.proto

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/portcullis/portcullis/config"
+	"github.com/portcullis/portcullis/proxy"
+	"github.com/portcullis/portcullis/reload"
+	"github.com/portcullis/portcullis/state"
+)
+
+func serveCmd(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", "portcullis.toml", "config file")
+	format := fs.String("log-format", "text", "log format: text or json")
+	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	log, err := newLogger(stderr, *format, *level)
+	if err != nil {
+		fmt.Fprintln(stderr, "portcullis:", err)
+		return 2
+	}
+	if err := serve(*path, log); err != nil {
+		log.Error("exiting", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("bad -log-level %q", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("bad -log-format %q (text or json)", format)
+}
+
+// serve runs the daemon until SIGTERM/SIGINT. Settings outside the
+// listeners, routes and firewall (metrics and admin addresses, the
+// database path) are read once here; changing them needs a restart.
+func serve(path string, log *slog.Logger) error {
+	started := time.Now()
+	cfg, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	store, err := state.Open(cfg.Resolve(cfg.State.Database))
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	srv := proxy.NewServer(proxy.Options{Logger: log, Registerer: reg})
+	mgr := reload.New(reload.Options{Path: path, Server: srv, Store: store, Logger: log, Registry: reg})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := mgr.Start(ctx); err != nil {
+		srv.Shutdown(ctx)
+		return err
+	}
+
+	var metricsSrv *http.Server
+	if cfg.Metrics.Listen != "" {
+		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
+		if err != nil {
+			srv.Shutdown(ctx)
+			return fmt.Errorf("metrics.listen: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go metricsSrv.Serve(ln)
+		log.Info("metrics listening", "addr", ln.Addr().String())
+	}
+
+	admin, err := startAdmin(cfg, mgr, srv, store, log, started)
+	if err != nil {
+		srv.Shutdown(ctx)
+		return err
+	}
+
+	watchDone := make(chan error, 1)
+	go func() { watchDone <- mgr.Watch(ctx) }()
+
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+	for _, st := range srv.Status() {
+		log.Info("listening", "listener", st.Name, "addr", st.Address)
+	}
+	for sig := range sigs {
+		if sig == syscall.SIGHUP {
+			mgr.Reload("sighup")
+			continue
+		}
+		break
+	}
+
+	grace := mgr.Effective().Config.ShutdownGrace.D()
+	log.Info("shutting down: draining connections", "grace", grace)
+	go func() {
+		<-sigs
+		log.Warn("second signal: exiting at once")
+		os.Exit(1)
+	}()
+	cancel()
+	if err := <-watchDone; err != nil {
+		log.Warn("config watcher", "err", err)
+	}
+	if admin != nil {
+		admin.Stop()
+	}
+	if metricsSrv != nil {
+		metricsSrv.Close()
+	}
+	dctx, dcancel := context.WithTimeout(context.Background(), grace)
+	defer dcancel()
+	if err := srv.Shutdown(dctx); errors.Is(err, context.DeadlineExceeded) {
+		log.Warn("grace period over: closed remaining connections")
+	}
+	log.Info("stopped")
+	return nil
+}
