@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/portcullis/portcullis/config"
@@ -183,7 +184,7 @@ func (s *Server) compileListener(cfg *config.Config, key string, l *config.Liste
 				Metrics:           s.l7metrics,
 			})
 			if err != nil {
-				return lc, cfg.KeyError(fmt.Sprintf("%s.route[%d].tls_cert", key, j), err)
+				return lc, cfg.KeyError(fmt.Sprintf("%s.route[%d].%s", key, j, l7ErrorKey(err)), err)
 			}
 			r.l7 = h
 		}
@@ -225,6 +226,19 @@ func (s *Snapshot) retire(next *Snapshot) {
 		db := s.geo.db
 		time.AfterFunc(s.maxWait+5*time.Second, func() { db.Close() })
 	}
+}
+
+// l7ErrorKey recovers the route key an l7 error is about from its
+// "l7: key: ..." prefix, so the message points at the right line.
+func l7ErrorKey(err error) string {
+	msg := strings.TrimPrefix(err.Error(), "l7: ")
+	if i := strings.Index(msg, ":"); i > 0 {
+		k, _, _ := strings.Cut(msg[:i], "/")
+		if strings.IndexFunc(k, func(r rune) bool { return !(r == '_' || r >= 'a' && r <= 'z') }) < 0 {
+			return k
+		}
+	}
+	return "tls_cert"
 }
 
 func parsePrefixes(ss []string) ([]netip.Prefix, error) {

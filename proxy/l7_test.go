@@ -1,0 +1,193 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
+
+	"github.com/portcullis/portcullis/proxyproto"
+	"github.com/portcullis/portcullis/testpki"
+)
+
+// h2cBackend answers every request with its name and the forwarding
+// headers it received.
+func h2cBackend(t *testing.T, name string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%s %s xff=%s proto=%s", name, r.Proto, r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Forwarded-Proto"))
+	})
+	srv := &http.Server{Handler: h2c.NewHandler(h, &http2.Server{}), ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Shutdown(context.Background()) })
+	return ln.Addr().String()
+}
+
+func h2Client(ca *testpki.CA, dial func() (net.Conn, error)) *http.Client {
+	return &http.Client{
+		Timeout: 10 * time.Second,
+		Transport: &http2.Transport{
+			TLSClientConfig: &tls.Config{RootCAs: ca.Pool()},
+			DialTLSContext: func(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
+				c, err := dial()
+				if err != nil {
+					return nil, err
+				}
+				tc := tls.Client(c, cfg)
+				if err := tc.HandshakeContext(ctx); err != nil {
+					c.Close()
+					return nil, err
+				}
+				return tc, nil
+			},
+		},
+	}
+}
+
+func get(t *testing.T, c *http.Client, url string) string {
+	t.Helper()
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("%s: status %d: %s", url, resp.StatusCode, b)
+	}
+	return string(b)
+}
+
+func TestL4AndL7OnOneListener(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "web.test")
+	l4 := newTLSBackend(t, ca, "L4", "tcp.test")
+	web := h2cBackend(t, "WEB")
+	h := startProxy(t, fmt.Sprintf(`
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+%s
+  [[listener.route]]
+  sni = "web.test"
+  mode = "l7"
+  backend = %q
+  tls_cert = %q
+  tls_key = %q
+`, routeTOML("tcp.test", l4.addr()), web, leaf.CertFile, leaf.KeyFile))
+	addr := h.addr("l")
+
+	c, greeting := dialTLS(t, addr, "tcp.test", ca)
+	c.Close()
+	if greeting != "L4" {
+		t.Fatalf("L4 route reached %q", greeting)
+	}
+	client := h2Client(ca, func() (net.Conn, error) { return net.Dial("tcp", addr) })
+	body := get(t, client, "https://web.test/")
+	if want := "WEB HTTP/2.0 xff=127.0.0.1 proto=https"; body != want {
+		t.Fatalf("L7 answer %q, want %q", body, want)
+	}
+	client.CloseIdleConnections()
+}
+
+// TestL7SeesProxyHeaderAddress checks that the address from a trusted
+// PROXY header is what the L7 forwarding headers carry.
+func TestL7SeesProxyHeaderAddress(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "web.test")
+	web := h2cBackend(t, "WEB")
+	h := startProxy(t, fmt.Sprintf(`
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+proxy_protocol = true
+proxy_protocol_trusted = ["127.0.0.1/32"]
+
+  [[listener.route]]
+  sni = "web.test"
+  mode = "l7"
+  backend = %q
+  tls_cert = %q
+  tls_key = %q
+`, web, leaf.CertFile, leaf.KeyFile))
+	addr := h.addr("l")
+	client := h2Client(ca, func() (net.Conn, error) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		src := netip.MustParseAddrPort("203.0.113.50:40000")
+		dst := netip.MustParseAddrPort("192.0.2.1:443")
+		if err := proxyproto.WriteV2(c, src, dst, ""); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	})
+	defer client.CloseIdleConnections()
+	if body := get(t, client, "https://web.test/"); body != "WEB HTTP/2.0 xff=203.0.113.50 proto=https" {
+		t.Fatalf("answer %q", body)
+	}
+}
+
+// TestL7CertificateChangesOnReload replaces the certificate files in
+// place; the next reload must serve the new certificate.
+func TestL7CertificateChangesOnReload(t *testing.T) {
+	ca := testpki.NewCA(t)
+	first, second := ca.Leaf(t, "web.test"), ca.Leaf(t, "web.test")
+	web := h2cBackend(t, "WEB")
+	dir := t.TempDir()
+	certFile, keyFile := dir+"/web.pem", dir+"/web-key.pem"
+	install := func(l testpki.Leaf) {
+		for src, dst := range map[string]string{l.CertFile: certFile, l.KeyFile: keyFile} {
+			b, err := os.ReadFile(src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			os.WriteFile(dst, b, 0o600)
+		}
+	}
+	install(first)
+	cfg := fmt.Sprintf(`
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+
+  [[listener.route]]
+  sni = "web.test"
+  mode = "l7"
+  backend = %q
+  tls_cert = %q
+  tls_key = %q
+`, web, certFile, keyFile)
+	h := startProxy(t, cfg)
+	serial := func() string {
+		c, err := tls.Dial("tcp", h.addr("l"), &tls.Config{ServerName: "web.test", RootCAs: ca.Pool(), NextProtos: []string{"h2"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return c.ConnectionState().PeerCertificates[0].SerialNumber.String()
+	}
+	if got := serial(); got != first.Cert.Leaf.SerialNumber.String() {
+		t.Fatalf("serving serial %s, want the first certificate's", got)
+	}
+	install(second)
+	h.apply(cfg) // same text; the reload reloads the files
+	if got := serial(); got != second.Cert.Leaf.SerialNumber.String() {
+		t.Fatalf("after reload serving serial %s, want the second certificate's", got)
+	}
+}
