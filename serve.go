@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	httppprof "net/http/pprof"
 	"os"
 	"os/signal"
 	"syscall"
@@ -30,6 +31,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 	path := fs.String("config", "portcullis.toml", "config file")
 	format := fs.String("log-format", "text", "log format: text or json")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	pprof := fs.Bool("pprof", false, "also serve /debug/pprof/ on the metrics listener")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -38,7 +40,7 @@ func serveCmd(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "portcullis:", err)
 		return 2
 	}
-	if err := serve(*path, log); err != nil {
+	if err := serve(*path, log, *pprof); err != nil {
 		log.Error("exiting", "err", err)
 		return 1
 	}
@@ -63,7 +65,7 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 // serve runs the daemon until SIGTERM/SIGINT. Settings outside the
 // listeners, routes and firewall (metrics and admin addresses, the
 // database path) are read once here; changing them needs a restart.
-func serve(path string, log *slog.Logger) error {
+func serve(path string, log *slog.Logger, pprof bool) error {
 	started := time.Now()
 	cfg, err := config.Load(path)
 	if err != nil {
@@ -95,6 +97,12 @@ func serve(path string, log *slog.Logger) error {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		if pprof {
+			mux.HandleFunc("/debug/pprof/", httppprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
+			mux.HandleFunc("/debug/pprof/symbol", httppprof.Symbol)
+			mux.HandleFunc("/debug/pprof/trace", httppprof.Trace)
+		}
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go metricsSrv.Serve(ln)
 		log.Info("metrics listening", "addr", ln.Addr().String())

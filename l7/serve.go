@@ -181,6 +181,9 @@ func (h *Handler) newClientConn(ctx context.Context, ci ConnInfo) *clientConn {
 		FlushInterval: 0,
 		ErrorLog:      h.errorLog,
 		ErrorHandler:  h.handleError,
+		// Without a pool ReverseProxy allocates a 32 KiB copy buffer
+		// per response, which dominated the garbage under load.
+		BufferPool: &copyBuffers,
 	}
 	return c
 }
@@ -485,3 +488,18 @@ func (l *connListener) Close() error {
 }
 
 func (l *connListener) Addr() net.Addr { return l.conn.LocalAddr() }
+
+// copyBuffers recycles ReverseProxy's body copy buffers across requests
+// and connections.
+var copyBuffers bufferPool
+
+type bufferPool struct{ p sync.Pool }
+
+func (b *bufferPool) Get() []byte {
+	if v, ok := b.p.Get().(*[]byte); ok {
+		return *v
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *bufferPool) Put(buf []byte) { b.p.Put(&buf) }
