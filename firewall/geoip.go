@@ -1,10 +1,9 @@
 package firewall
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,16 +21,12 @@ const (
 )
 
 // GeoDB is an opened MaxMind country database (GeoLite2/GeoIP2 Country,
-// or City, which has the same country fields), memory-mapped and opened
+// or City, which has the same country fields), held in memory and opened
 // once per config snapshot. It is safe for concurrent use, including a
 // Close that races lookups.
-//
-// Replace the file on disk by renaming a new one over it (as
-// geoipupdate does), never by rewriting it in place: the open mapping
-// would see the half-written bytes.
 type GeoDB struct {
-	// mu guards r against Close: unmapping the file under a running
-	// lookup would fault, so lookups hold the read lock.
+	// mu guards r against Close, so a lookup racing Close sees either
+	// the open reader or none.
 	mu sync.RWMutex
 	r  *maxminddb.Reader
 
@@ -55,13 +50,23 @@ type geoCacheEntry struct {
 // database), once per snapshot build. It is strict: a database whose
 // metadata lacks a description, for instance, is rejected too (MaxMind's
 // files have one; give mmdbwriter a Description when building one).
+//
+// The file is read into memory rather than memory-mapped: a mapped file
+// that an operator overwrites in place (cp truncates first) faults the
+// whole process with SIGBUS on the next lookup, while a copy in memory
+// cannot be changed under the proxy. A country database is a few MiB,
+// and one copy is shared by consecutive snapshots while the file is
+// unchanged.
 func OpenGeoDB(path string) (*GeoDB, error) {
-	r, err := maxminddb.Open(path)
+	data, err := os.ReadFile(path)
 	if err != nil {
-		var pe *fs.PathError
-		if errors.As(err, &pe) {
-			return nil, fmt.Errorf("firewall: geoip: %w", err) // already names the file
-		}
+		return nil, fmt.Errorf("firewall: geoip: %w", err) // names the file
+	}
+	if len(data) == 0 {
+		return nil, fmt.Errorf("firewall: geoip: %s: file is empty", path)
+	}
+	r, err := maxminddb.OpenBytes(data)
+	if err != nil {
 		return nil, fmt.Errorf("firewall: geoip: %s: %w", path, err)
 	}
 	if err := r.Verify(); err != nil {

@@ -231,7 +231,9 @@ func TestHalfClose(t *testing.T) {
 		}
 	})
 	t.Run("backend shuts write first", func(t *testing.T) {
+		backendDone := make(chan struct{})
 		backend := rawBackend(t, func(c *net.TCPConn) {
+			defer close(backendDone)
 			c.SetDeadline(time.Now().Add(10 * time.Second))
 			io.ReadFull(c, make([]byte, len(hello)))
 			io.WriteString(c, "early reply")
@@ -255,7 +257,7 @@ func TestHalfClose(t *testing.T) {
 		}
 		io.WriteString(c, "late request")
 		c.(*net.TCPConn).CloseWrite()
-		c.Read(make([]byte, 1)) // wait for the full close
+		<-backendDone // the backend has checked what arrived after its half-close
 	})
 }
 

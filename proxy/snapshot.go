@@ -61,8 +61,7 @@ type route struct {
 // snapshots while the file is unchanged.
 type geoHandle struct {
 	path string
-	size int64
-	mod  time.Time
+	info os.FileInfo
 	db   *firewall.GeoDB
 }
 
@@ -107,14 +106,16 @@ func (s *Server) compileFirewall(snap *Snapshot, prev *Snapshot) error {
 		if err != nil {
 			return cfg.KeyError("geoip.database", err)
 		}
-		if prev != nil && prev.geo != nil && prev.geo.path == path && prev.geo.size == st.Size() && prev.geo.mod.Equal(st.ModTime()) {
-			snap.geo = prev.geo
+		// Same inode, size and mtime: the file was not replaced (a
+		// rename-over gets a new inode even when cp -p keeps the mtime).
+		if g := prevGeo(prev); g != nil && g.path == path && os.SameFile(g.info, st) && g.info.Size() == st.Size() && g.info.ModTime().Equal(st.ModTime()) {
+			snap.geo = g
 		} else {
 			db, err := firewall.OpenGeoDB(path)
 			if err != nil {
 				return cfg.KeyError("geoip.database", err)
 			}
-			snap.geo = &geoHandle{path: path, size: st.Size(), mod: st.ModTime(), db: db}
+			snap.geo = &geoHandle{path: path, info: st, db: db}
 		}
 	}
 	var geo *firewall.GeoDB
@@ -193,6 +194,13 @@ func (s *Server) compileListener(cfg *config.Config, key string, l *config.Liste
 	return lc, nil
 }
 
+func prevGeo(prev *Snapshot) *geoHandle {
+	if prev == nil {
+		return nil
+	}
+	return prev.geo
+}
+
 // release frees what this snapshot owns and prev does not share. It runs
 // when a compiled snapshot is thrown away unpublished.
 func (s *Snapshot) release(prev *Snapshot) {
@@ -210,10 +218,10 @@ func (s *Snapshot) release(prev *Snapshot) {
 
 // retire is called when next replaced s. L7 handlers only drop idle
 // backend connections, so requests in flight finish. A GeoIP database
-// that next no longer uses is memory-mapped and may still be read by a
-// connection accepted just before the swap, whose firewall check comes
-// after its PROXY header (bounded by handshake_timeout); so it is closed
-// once that window has passed, not at once.
+// that next no longer uses may still be read by a connection accepted
+// just before the swap, whose firewall check comes after its PROXY
+// header (bounded by handshake_timeout); it is closed once that window
+// has passed, so such a connection still gets a verdict.
 func (s *Snapshot) retire(next *Snapshot) {
 	for _, lc := range s.order {
 		for _, r := range lc.routes.all {
