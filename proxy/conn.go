@@ -50,6 +50,9 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		}
 		if h.Command == proxyproto.Proxy && h.Source.IsValid() {
 			client = netip.AddrPortFrom(h.Source.Addr().Unmap(), h.Source.Port())
+			// Pass on the address the client originally connected to,
+			// as HAProxy does, not our own hop's.
+			local = netip.AddrPortFrom(h.Destination.Addr().Unmap(), h.Destination.Port())
 		}
 	}
 
