@@ -27,6 +27,7 @@ import (
 // Running is the admin API's open sockets.
 type Running struct {
 	servers []*grpc.Server
+	lns     []net.Listener
 	unix    string // socket path to remove on Stop
 	addrs   []net.Addr
 }
@@ -38,6 +39,14 @@ func (r *Running) Addrs() []net.Addr { return r.addrs }
 func (r *Running) Stop() {
 	for _, s := range r.servers {
 		s.GracefulStop()
+	}
+	// Close the sockets here too: a Serve goroutine that had not started
+	// when GracefulStop ran closes its listener whenever it gets to run,
+	// and a Unix listener unlinks its path on Close — by then possibly a
+	// new socket bound at the same path. Closing now makes that later
+	// Close a no-op (the unlink happens once).
+	for _, ln := range r.lns {
+		ln.Close()
 	}
 	if r.unix != "" {
 		os.Remove(r.unix)
@@ -65,6 +74,7 @@ func Listen(cfg *config.Config, srv *Server, log *slog.Logger) (_ *Running, err 
 		r.unix = path
 		gs := newGRPC(srv, grpc.Creds(peerCredentials{}))
 		r.servers = append(r.servers, gs)
+		r.lns = append(r.lns, ln)
 		r.addrs = append(r.addrs, ln.Addr())
 		go gs.Serve(ln)
 	}
@@ -82,6 +92,7 @@ func Listen(cfg *config.Config, srv *Server, log *slog.Logger) (_ *Running, err 
 		}
 		gs := newGRPC(srv, grpc.Creds(credentials.NewTLS(tc)))
 		r.servers = append(r.servers, gs)
+		r.lns = append(r.lns, ln)
 		r.addrs = append(r.addrs, ln.Addr())
 		go gs.Serve(ln)
 	}

@@ -14,11 +14,12 @@
 package rpc
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"sort"
+	"slices"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -155,8 +156,15 @@ func (s *Server) DeleteRoute(ctx context.Context, req *adminpb.DeleteRouteReques
 		// Only an override made this route: dropping the override
 		// removes it, and leaves no tombstone to hide a route the file
 		// may add later.
+		// The origin was read before Mutate took its lock: a racing
+		// delete may have dropped the override since.
 		err = s.o.Manager.Mutate(ctx,
-			func(o *state.Overrides) error { o.RemoveRoute(req.Listener, sni); return nil },
+			func(o *state.Overrides) error {
+				if !o.RemoveRoute(req.Listener, sni) {
+					return status.Errorf(codes.NotFound, "listener %q has no route for sni %q", req.Listener, sni)
+				}
+				return nil
+			},
 			func(ctx context.Context, st *state.Store) error { return st.ClearRoute(ctx, req.Listener, sni) })
 	} else {
 		ro := state.RouteOverride{Listener: req.Listener, SNI: sni, Deleted: true, Actor: actor(ctx), UpdatedAt: time.Now().UTC()}
@@ -211,7 +219,12 @@ func (s *Server) RemoveFirewallRule(ctx context.Context, req *adminpb.RemoveFire
 	}
 	if origin == reload.OriginOverride {
 		err = s.o.Manager.Mutate(ctx,
-			func(o *state.Overrides) error { o.RemoveFirewall(v); return nil },
+			func(o *state.Overrides) error {
+				if !o.RemoveFirewall(v) { // a racing remove got there first
+					return status.Errorf(codes.NotFound, "no firewall rule %q", v)
+				}
+				return nil
+			},
 			func(ctx context.Context, st *state.Store) error { return st.ClearFirewall(ctx, v) })
 	} else {
 		f := state.FirewallOverride{Value: v, Remove: true, Actor: actor(ctx), UpdatedAt: time.Now().UTC()}
@@ -273,9 +286,10 @@ func (s *Server) ListOverrides(ctx context.Context, _ *adminpb.ListOverridesRequ
 		pb.OrphanReason, pb.Orphaned = orphans[[3]string{"listener", l.Listener, ""}]
 		resp.Overrides = append(resp.Overrides, pb)
 	}
-	sort.SliceStable(resp.Overrides, func(i, j int) bool {
-		a, b := resp.Overrides[i], resp.Overrides[j]
-		return fmt.Sprint(a.Kind, a.Listener, a.Sni, a.Value) < fmt.Sprint(b.Kind, b.Listener, b.Sni, b.Value)
+	// Field by field: concatenated keys would sort listener "pub"'s
+	// routes after "public"'s when their SNIs differ.
+	slices.SortStableFunc(resp.Overrides, func(a, b *adminpb.Override) int {
+		return cmp.Or(cmp.Compare(a.Kind, b.Kind), cmp.Compare(a.Listener, b.Listener), cmp.Compare(a.Sni, b.Sni), cmp.Compare(a.Value, b.Value))
 	})
 	return resp, nil
 }
@@ -350,6 +364,11 @@ func (s *Server) Reload(ctx context.Context, _ *adminpb.ReloadRequest) (*adminpb
 const snapshotChunk = 256 << 10
 
 func (s *Server) Snapshot(_ *adminpb.SnapshotRequest, stream adminpb.Admin_SnapshotServer) error {
+	if s.o.Store == nil {
+		// Like reload.Manager, the service runs without a store; a nil
+		// one must not crash the daemon (gRPC does not recover panics).
+		return status.Error(codes.FailedPrecondition, "snapshot: no database is configured")
+	}
 	w := &chunkWriter{send: func(b []byte) error { return stream.Send(&adminpb.SnapshotChunk{Data: b}) }}
 	if _, err := s.o.Store.Backup(stream.Context(), w); err != nil {
 		return status.Errorf(codes.Internal, "snapshot: %v", err)
