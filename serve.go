@@ -67,6 +67,15 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 // database path) are read once here; changing them needs a restart.
 func serve(path string, log *slog.Logger, pprof bool) error {
 	started := time.Now()
+	// Subscribe before anything else: until Notify, SIGHUP and SIGTERM
+	// keep their default action and kill the process, so a reload or a
+	// stop sent while the daemon starts (systemd, the kubelet) would skip
+	// the drain and leave the admin socket behind. Signals that arrive
+	// during startup wait in the channel and are handled once it is done.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
 	cfg, err := config.Load(path)
 	if err != nil {
 		return err
@@ -117,9 +126,6 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	watchDone := make(chan error, 1)
 	go func() { watchDone <- mgr.Watch(ctx) }()
 
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
 	for _, st := range srv.Status() {
 		log.Info("listening", "listener", st.Name, "addr", st.Address)
 	}
