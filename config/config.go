@@ -139,6 +139,21 @@ type Route struct {
 	// ResponseTimeout bounds the wait for a backend's response headers
 	// (504 after it); 0 means DefaultResponseTimeout.
 	ResponseTimeout Duration `toml:"response_timeout" json:"response_timeout,omitempty"`
+
+	// Source is where the route was written in the file
+	// ("listener[0].route[2]"), so errors keep pointing at the right line
+	// after overrides remove or add routes; empty for override routes.
+	Source string `toml:"-" json:"-"`
+}
+
+// RouteKey names route ri of listener li for error messages: its place
+// in the file, or, for a route that came from an override, its SNI.
+func (c *Config) RouteKey(li, ri int) string {
+	l := &c.Listeners[li]
+	if src := l.Routes[ri].Source; src != "" {
+		return src
+	}
+	return fmt.Sprintf("listener[%d].override(sni=%q)", li, l.Routes[ri].SNI)
 }
 
 // Duration is a time.Duration written as a Go duration string ("5s").
@@ -179,6 +194,11 @@ func Parse(path string, data []byte) (*Config, error) {
 		return nil, decodeError(path, err)
 	}
 	c.lines = indexLines(data)
+	for i := range c.Listeners {
+		for j := range c.Listeners[i].Routes {
+			c.Listeners[i].Routes[j].Source = fmt.Sprintf("listener[%d].route[%d]", i, j)
+		}
+	}
 	c.ApplyDefaults()
 	if err := c.Validate(); err != nil {
 		return nil, err

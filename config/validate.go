@@ -17,12 +17,18 @@ func (c *Config) Validate() error {
 	v := validator{c: c}
 	v.top()
 	v.firewall()
+	if len(c.Listeners) == 0 {
+		// Also what a file caught mid-write (truncated, not yet written)
+		// looks like; rejecting it keeps the running listeners open
+		// until the write completes.
+		v.errs = append(v.errs, &Error{File: c.Path, Key: "listener", Err: errors.New("at least one [[listener]] is required")})
+	}
 	names := map[string]string{}
 	addrs := map[string]string{}
 	for i := range c.Listeners {
 		key := fmt.Sprintf("listener[%d]", i)
 		l := &c.Listeners[i]
-		v.listener(key, l)
+		v.listener(i, key, l)
 		if l.Name != "" {
 			if prev, ok := names[l.Name]; ok {
 				v.errf(key+".name", "duplicate listener name %q (first at %s)", l.Name, v.where(prev))
@@ -113,7 +119,7 @@ func (v *validator) firewall() {
 	}
 }
 
-func (v *validator) listener(key string, l *Listener) {
+func (v *validator) listener(li int, key string, l *Listener) {
 	if l.Name == "" {
 		v.errf(key+".name", "required")
 	}
@@ -146,7 +152,7 @@ func (v *validator) listener(key string, l *Listener) {
 	}
 	snis := map[string]string{}
 	for i := range l.Routes {
-		rkey := fmt.Sprintf("%s.route[%d]", key, i)
+		rkey := v.c.RouteKey(li, i)
 		r := &l.Routes[i]
 		if err := r.Validate(); err != nil {
 			var fe *fieldError

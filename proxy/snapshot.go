@@ -82,7 +82,7 @@ func (s *Server) compile(cfg *config.Config, prev *Snapshot) (_ *Snapshot, err e
 	for i := range cfg.Listeners {
 		l := &cfg.Listeners[i]
 		key := fmt.Sprintf("listener[%d]", i)
-		lc, err := s.compileListener(cfg, key, l)
+		lc, err := s.compileListener(cfg, i, key, l)
 		// Append before checking err so release closes the L7 handlers
 		// of a half-compiled listener too.
 		if lc != nil {
@@ -137,7 +137,7 @@ func (s *Server) compileFirewall(snap *Snapshot, prev *Snapshot) error {
 	return nil
 }
 
-func (s *Server) compileListener(cfg *config.Config, key string, l *config.Listener) (*listenerConfig, error) {
+func (s *Server) compileListener(cfg *config.Config, li int, key string, l *config.Listener) (*listenerConfig, error) {
 	addr, err := canonicalAddr(l.Listen)
 	if err != nil {
 		return nil, cfg.KeyError(key+".listen", err)
@@ -185,7 +185,7 @@ func (s *Server) compileListener(cfg *config.Config, key string, l *config.Liste
 				Metrics:           s.l7metrics,
 			})
 			if err != nil {
-				return lc, cfg.KeyError(fmt.Sprintf("%s.route[%d].%s", key, j, l7ErrorKey(err)), err)
+				return lc, cfg.KeyError(cfg.RouteKey(li, j)+"."+l7ErrorKey(err), err)
 			}
 			r.l7 = h
 		}

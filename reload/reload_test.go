@@ -16,7 +16,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
 
+	"github.com/portcullis/portcullis/config"
 	"github.com/portcullis/portcullis/proxy"
+	"github.com/portcullis/portcullis/state"
 	"github.com/portcullis/portcullis/testnet"
 )
 
@@ -454,4 +456,32 @@ func countFDs(t *testing.T) int {
 		t.Skip("needs /proc")
 	}
 	return len(ents)
+}
+
+// TestErrorsPointAtTheFileAfterOverrides: once an override hides or adds
+// routes, errors still name the route's place in the file (or say it
+// came from an override), not its position in the merged list.
+func TestErrorsPointAtTheFileAfterOverrides(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	two := func(secondExtra string) string {
+		return appConfig(a) + fmt.Sprintf("\n  [[listener.route]]\n  sni = \"b.test\"\n  backend = %q\n%s", a, secondExtra)
+	}
+	r := newRig(t, two(""))
+	tomb := state.RouteOverride{Listener: "l", SNI: "app.test", Deleted: true}
+	if err := r.m.Mutate(context.Background(), func(o *state.Overrides) error { o.SetRoute(tomb); return nil }, nil); err != nil {
+		t.Fatal(err)
+	}
+	bad := state.RouteOverride{Listener: "l", SNI: "x.test", Route: config.Route{SNI: "x.test", Mode: "l7", Backend: a, TLSCert: "/nonexistent.pem", TLSKey: "/nonexistent-key.pem"}}
+	err := r.m.Mutate(context.Background(), func(o *state.Overrides) error { o.SetRoute(bad); return nil }, nil)
+	if err == nil || !strings.Contains(err.Error(), `listener[0].override(sni="x.test").tls_cert`) {
+		t.Fatalf("override error does not name the override: %v", err)
+	}
+	// The file's second route (route[1]) breaks: with route[0] hidden it is
+	// first in the merged list, but the error must name route[1] and its line.
+	r.write(two("  mode = \"l7\"\n  tls_cert = \"missing.pem\"\n  tls_key = \"missing-key.pem\"\n"))
+	err = r.m.Reload("test")
+	want := fmt.Sprintf("%s:14: listener[0].route[1].tls_cert", r.path)
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("error %v\ndoes not contain %q", err, want)
+	}
 }

@@ -24,7 +24,7 @@ import (
 // tests need no proxy behind the API, only its health service.
 func adminOnly(t *testing.T, dir, admin string) *config.Config {
 	t.Helper()
-	cfg, err := config.Parse(filepath.Join(dir, "portcullis.toml"), []byte("[admin]\n"+admin))
+	cfg, err := config.Parse(filepath.Join(dir, "portcullis.toml"), []byte("[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n[admin]\n"+admin))
 	if err != nil {
 		t.Fatal(err)
 	}
