@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -124,17 +125,19 @@ func listenUnix(path string) (net.Listener, error) {
 			return nil, fmt.Errorf("removing stale socket: %w", err)
 		}
 	}
+	// bind(2) creates the socket file with the umask's mode, and a chmod
+	// afterwards would leave a moment in which anyone the umask lets in
+	// could connect. So bind under a umask that yields 0600. The umask is
+	// process-wide: a file another goroutine creates in this instant
+	// comes out stricter than asked, never looser.
+	old := syscall.Umask(0o177)
 	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
 	if err != nil {
 		return nil, err
 	}
-	// Listen creates the file with the umask's mode; tighten it before
-	// anything is served. Only the owner (and root) may connect.
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, err
-	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(true)
+	// Running.Stop removes the path itself, once.
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	return ln, nil
 }
 

@@ -1,0 +1,163 @@
+package main
+
+import (
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/portcullis/portcullis/testpki"
+)
+
+// errLine is the shape of every problem `check` prints: file:line: key: message.
+var errLine = regexp.MustCompile(`^(.+\.toml):(\d+): ([a-z_0-9\[\]\.]+): (.+)$`)
+
+func TestCheck(t *testing.T) {
+	dir := t.TempDir()
+	leaf := testpki.NewCA(t).Leaf(t, "secure.test")
+	for _, tc := range []struct {
+		name    string
+		content string
+		code    int
+		stdout  []string // substrings of stdout
+		errs    []string // "line: key" of every problem, in order
+	}{
+		{
+			name: "good",
+			content: `
+[[listener]]
+name = "public"
+listen = "127.0.0.1:8443"
+
+  [[listener.route]]
+  sni = "app.test"
+  backend = "127.0.0.1:9001"
+  send_proxy_protocol = true
+
+  [[listener.route]]
+  sni = "secure.test"
+  mode = "l7"
+  tls_cert = "` + leaf.CertFile + `"
+  tls_key = "` + leaf.KeyFile + `"
+  backend = "127.0.0.1:9002"
+
+[[listener]]
+name = "empty"
+listen = "127.0.0.1:8444"
+`,
+			code: 0,
+			stdout: []string{
+				"LISTENER  LISTEN",
+				"public    127.0.0.1:8443  app.test     l4    127.0.0.1:9001  send-proxy-v2",
+				"public    127.0.0.1:8443  secure.test  l7    127.0.0.1:9002  backend=h2c",
+				"empty     127.0.0.1:8444  -",
+				"(no routes)",
+				"config OK: 2 listener(s), hash ",
+			},
+		},
+		{
+			name: "invalid values",
+			content: `shutdown_grace = "-1s"
+
+[firewall]
+block = ["203.0.113.0/33", "198.51.100.7"]
+
+[[listener]]
+name = "public"
+listen = "127.0.0.1:8443"
+max_connections = -1
+
+  [[listener.route]]
+  sni = "app.test"
+  backend = "127.0.0.1:9001"
+
+  [[listener.route]]
+  sni = "app.test"
+  backend = "127.0.0.1:9002"
+`,
+			code: 1,
+			errs: []string{
+				"1: shutdown_grace",
+				"4: firewall.block[0]",
+				"9: listener[0].max_connections",
+				"16: listener[0].route[1].sni",
+			},
+		},
+		{
+			name: "unknown keys",
+			content: `[[listener]]
+name = "public"
+listen = "127.0.0.1:8443"
+bogus = 1
+
+  [[listener.route]]
+  sni = "app.test"
+  backend = "127.0.0.1:9001"
+  colour = "red"
+`,
+			code: 1,
+			errs: []string{"4: listener.bogus", "9: listener.route.colour"},
+		},
+		{
+			name: "l7 certificate missing",
+			content: `[[listener]]
+name = "public"
+listen = "127.0.0.1:8443"
+
+  [[listener.route]]
+  sni = "app.test"
+  mode = "l7"
+  tls_cert = "missing.pem"
+  tls_key = "missing-key.pem"
+  backend = "127.0.0.1:9001"
+`,
+			code: 1,
+			errs: []string{"8: listener[0].route[0].tls_cert"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".toml")
+			writeFile(t, path, tc.content)
+			code, stdout, stderr := runCmd("check", "-config", path)
+			if code != tc.code {
+				t.Fatalf("exit %d, want %d\nstdout:\n%s\nstderr:\n%s", code, tc.code, stdout, stderr)
+			}
+			for _, s := range tc.stdout {
+				if !strings.Contains(stdout, s) {
+					t.Errorf("stdout lacks %q:\n%s", s, stdout)
+				}
+			}
+			if tc.code == 0 {
+				return
+			}
+			if stdout != "" {
+				t.Errorf("a failed check printed a routing table:\n%s", stdout)
+			}
+			lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n")
+			var got []string
+			for _, l := range lines {
+				m := errLine.FindStringSubmatch(l)
+				if m == nil || m[1] != path {
+					t.Errorf("stderr line %q is not %s:LINE: KEY: MESSAGE", l, path)
+					continue
+				}
+				got = append(got, m[2]+": "+m[3])
+			}
+			if strings.Join(got, "\n") != strings.Join(tc.errs, "\n") {
+				t.Errorf("problems:\n%s\nwant:\n%s\nstderr:\n%s", strings.Join(got, "\n"), strings.Join(tc.errs, "\n"), stderr)
+			}
+		})
+	}
+
+	t.Run("missing file", func(t *testing.T) {
+		code, _, stderr := runCmd("check", "-config", filepath.Join(dir, "nope.toml"))
+		if code != 1 || !strings.Contains(stderr, "no such file") {
+			t.Fatalf("exit %d, stderr %q", code, stderr)
+		}
+	})
+	t.Run("bad flag", func(t *testing.T) {
+		if code, _, _ := runCmd("check", "-nope"); code != 2 {
+			t.Fatalf("exit %d, want 2", code)
+		}
+	})
+}

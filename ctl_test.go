@@ -1,0 +1,227 @@
+package main
+
+import (
+	"crypto/tls"
+	"database/sql"
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	_ "github.com/mattn/go-sqlite3"
+
+	"github.com/portcullis/portcullis/testnet"
+)
+
+// TestCtl drives `portcullis ctl` in-process against a daemon subprocess,
+// through every command, checking the output and that each change
+// reaches the data path.
+func TestCtl(t *testing.T) {
+	app, other := testnet.NamedBackend(t, "app"), testnet.NamedBackend(t, "other")
+	env := newEnv(t)
+	proxyAddr := freeAddr(t)
+	env.writeConfig(t, "5s", l4Listener(proxyAddr, "app.test", app))
+	d := env.start(t)
+	admin := "unix:" + env.sock
+
+	ctl := func(t *testing.T, wantCode int, args ...string) (stdout, stderr string) {
+		t.Helper()
+		code, stdout, stderr := runCmd(append([]string{"ctl", "-admin", admin}, args...)...)
+		if code != wantCode {
+			t.Fatalf("ctl %s: exit %d, want %d\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), code, wantCode, stdout, stderr)
+		}
+		return stdout, stderr
+	}
+	contains := func(t *testing.T, out string, want ...string) {
+		t.Helper()
+		for _, w := range want {
+			if !strings.Contains(out, w) {
+				t.Errorf("output lacks %q:\n%s", w, out)
+			}
+		}
+	}
+	lacks := func(t *testing.T, out string, unwanted string) {
+		t.Helper()
+		if strings.Contains(out, unwanted) {
+			t.Errorf("output has %q:\n%s", unwanted, out)
+		}
+	}
+	ask := func(t *testing.T, sni string) string {
+		t.Helper()
+		got, err := testnet.Ask(proxyAddr, testnet.ClientHello(t, &tls.Config{ServerName: sni}))
+		if err != nil {
+			return "error: " + err.Error()
+		}
+		return got
+	}
+	jsonOf := func(t *testing.T, out string) map[string]any {
+		t.Helper()
+		var v map[string]any
+		if err := json.Unmarshal([]byte(out), &v); err != nil {
+			t.Fatalf("not JSON (%v):\n%s", err, out)
+		}
+		return v
+	}
+
+	t.Run("status", func(t *testing.T) {
+		out, _ := ctl(t, 0, "status")
+		contains(t, out, "version:     dev", env.config, "last reload: success (startup)",
+			"LISTENER", "public", proxyAddr, "unlimited")
+	})
+	t.Run("status json", func(t *testing.T) {
+		out, _ := ctl(t, 0, "-o", "json", "status")
+		v := jsonOf(t, out)
+		if v["version"] != "dev" {
+			t.Errorf("version = %v", v["version"])
+		}
+		ls, _ := v["listeners"].([]any)
+		if len(ls) != 1 || ls[0].(map[string]any)["name"] != "public" {
+			t.Errorf("listeners = %v", v["listeners"])
+		}
+	})
+	t.Run("health", func(t *testing.T) {
+		out, _ := ctl(t, 0, "health")
+		contains(t, out, "SERVING")
+	})
+	t.Run("routes", func(t *testing.T) {
+		out, _ := ctl(t, 0, "routes")
+		contains(t, out, "LISTENER", "app.test", app, "file")
+		out, _ = ctl(t, 0, "-o", "json", "routes", "public")
+		routes, _ := jsonOf(t, out)["routes"].([]any)
+		if len(routes) != 1 {
+			t.Fatalf("routes = %v", routes)
+		}
+		if r := routes[0].(map[string]any); r["sni"] != "app.test" || r["backend"] != app || r["origin"] != "file" {
+			t.Errorf("route = %v", r)
+		}
+		_, stderr := ctl(t, 1, "routes", "nosuch")
+		contains(t, stderr, "NotFound")
+	})
+	t.Run("route put and rm", func(t *testing.T) {
+		out, _ := ctl(t, 0, "route", "put", "-listener", "public", "-sni", "new.test", "-backend", other)
+		contains(t, out, "new.test", other, "override")
+		if got := ask(t, "new.test"); got != "other" {
+			t.Fatalf("new.test routed to %q after route put", got)
+		}
+		out, _ = ctl(t, 0, "routes")
+		contains(t, out, "new.test")
+		// Overriding a file route: the origin says so.
+		out, _ = ctl(t, 0, "route", "put", "-listener", "public", "-sni", "app.test", "-backend", other)
+		contains(t, out, "file, overridden")
+		if got := ask(t, "app.test"); got != "other" {
+			t.Fatalf("app.test routed to %q after overriding it", got)
+		}
+
+		out, _ = ctl(t, 0, "route", "rm", "public", "new.test")
+		contains(t, out, "route deleted")
+		out, _ = ctl(t, 0, "routes")
+		lacks(t, out, "new.test")
+		if got := ask(t, "new.test"); !strings.HasPrefix(got, "error") {
+			t.Fatalf("new.test still routed (to %q) after route rm", got)
+		}
+		_, stderr := ctl(t, 1, "route", "rm", "public", "nosuch.test")
+		contains(t, stderr, "portcullis ctl: NotFound: ")
+		_, stderr = ctl(t, 1, "route", "put", "-listener", "public", "-sni", "bad..name", "-backend", other)
+		contains(t, stderr, "portcullis ctl: InvalidArgument: ")
+		_, stderr = ctl(t, 2, "route", "put", "-listener", "public")
+		contains(t, stderr, "needs -listener, -sni and -backend")
+	})
+	t.Run("firewall", func(t *testing.T) {
+		out, _ := ctl(t, 0, "firewall", "add", "192.0.2.7")
+		contains(t, out, "firewall rule added")
+		out, _ = ctl(t, 0, "firewall")
+		contains(t, out, "BLOCK", "192.0.2.7/32", "override")
+		out, _ = ctl(t, 0, "-o", "json", "firewall")
+		jsonOf(t, out)
+		out, _ = ctl(t, 0, "firewall", "rm", "192.0.2.7")
+		contains(t, out, "firewall rule removed")
+		out, _ = ctl(t, 0, "firewall")
+		lacks(t, out, "192.0.2.7")
+		_, stderr := ctl(t, 1, "firewall", "add", "not-an-address")
+		contains(t, stderr, "portcullis ctl: InvalidArgument: ")
+		_, stderr = ctl(t, 1, "firewall", "rm", "192.0.2.8")
+		contains(t, stderr, "portcullis ctl: NotFound: ")
+	})
+	t.Run("maxconns", func(t *testing.T) {
+		out, _ := ctl(t, 0, "maxconns", "public", "5")
+		contains(t, out, "max_connections set")
+		out, _ = ctl(t, 0, "status")
+		contains(t, out, "5 (file, overridden)")
+		_, stderr := ctl(t, 1, "maxconns", "nosuch", "5")
+		contains(t, stderr, "portcullis ctl: NotFound: ")
+		_, stderr = ctl(t, 2, "maxconns", "public", "many")
+		contains(t, stderr, "N must be a number")
+	})
+	t.Run("overrides", func(t *testing.T) {
+		ctl(t, 0, "firewall", "add", "198.51.100.0/24")
+		out, _ := ctl(t, 0, "overrides")
+		contains(t, out, "KIND", "route", "public app.test", "firewall", "198.51.100.0/24", "listener", "max_connections=5")
+		out, _ = ctl(t, 0, "-o", "json", "overrides")
+		jsonOf(t, out)
+
+		out, _ = ctl(t, 0, "overrides", "clear", "route", "public", "app.test")
+		contains(t, out, "override cleared")
+		if got := ask(t, "app.test"); got != "app" {
+			t.Fatalf("app.test routed to %q after clearing its override, want the file's backend", got)
+		}
+		out, _ = ctl(t, 0, "overrides", "clear", "listener", "public")
+		contains(t, out, "override cleared")
+		_, stderr := ctl(t, 1, "overrides", "clear", "listener", "public")
+		contains(t, stderr, "portcullis ctl: NotFound: ")
+		out, _ = ctl(t, 0, "overrides")
+		lacks(t, out, "max_connections=5")
+		contains(t, out, "198.51.100.0/24")
+
+		out, _ = ctl(t, 0, "overrides", "clear-all")
+		contains(t, out, "1 override(s) cleared")
+		out, _ = ctl(t, 0, "-o", "json", "overrides")
+		if ov, ok := jsonOf(t, out)["overrides"].([]any); ok && len(ov) != 0 {
+			t.Errorf("overrides left after clear-all: %v", ov)
+		}
+		_, stderr = ctl(t, 2, "overrides", "clear", "everything")
+		contains(t, stderr, "usage: overrides clear")
+	})
+	t.Run("reload", func(t *testing.T) {
+		out, _ := ctl(t, 0, "reload")
+		contains(t, out, "reloaded: config hash ")
+		out, _ = ctl(t, 0, "status")
+		contains(t, out, "last reload: success (admin")
+	})
+	t.Run("snapshot", func(t *testing.T) {
+		ctl(t, 0, "firewall", "add", "203.0.113.9")
+		file := filepath.Join(t.TempDir(), "backup.db")
+		out, _ := ctl(t, 0, "snapshot", file)
+		contains(t, out, "snapshot written to "+file)
+		db, err := sql.Open("sqlite3", "file:"+file+"?mode=ro")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		var check string
+		if err := db.QueryRow("PRAGMA integrity_check").Scan(&check); err != nil || check != "ok" {
+			t.Fatalf("snapshot integrity_check: %q, %v", check, err)
+		}
+		var tables int
+		if err := db.QueryRow("SELECT count(*) FROM sqlite_master WHERE type = 'table'").Scan(&tables); err != nil || tables == 0 {
+			t.Fatalf("snapshot has %d tables, %v", tables, err)
+		}
+		_, stderr := ctl(t, 2, "snapshot")
+		contains(t, stderr, "usage: snapshot FILE")
+	})
+	t.Run("usage errors", func(t *testing.T) {
+		_, stderr := ctl(t, 2, "bogus")
+		contains(t, stderr, `unknown command "bogus"`)
+		ctl(t, 2)
+		ctl(t, 2, "-o", "yaml", "status")
+		_, stderr = ctl(t, 2, "firewall", "zap", "192.0.2.1")
+		contains(t, stderr, `unknown firewall command "zap"`)
+	})
+	t.Run("daemon unreachable", func(t *testing.T) {
+		code, _, stderr := runCmd("ctl", "-admin", "unix:"+filepath.Join(t.TempDir(), "none.sock"), "-timeout", "2s", "status")
+		if code != 1 || !strings.Contains(stderr, "portcullis ctl: Unavailable: ") {
+			t.Fatalf("exit %d, stderr %q; want 1 and Unavailable", code, stderr)
+		}
+	})
+
+	d.stop(t)
+}
