@@ -148,16 +148,18 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	if err := <-watchDone; err != nil {
 		log.Warn("config watcher", "err", err)
 	}
+	// The proxy stops accepting first; the admin API and /metrics stay
+	// up while connections drain, so operators can watch the drain.
+	dctx, dcancel := context.WithTimeout(context.Background(), grace)
+	defer dcancel()
+	if err := srv.Shutdown(dctx); errors.Is(err, context.DeadlineExceeded) {
+		log.Warn("grace period over: closed remaining connections")
+	}
 	if admin != nil {
 		admin.Stop()
 	}
 	if metricsSrv != nil {
 		metricsSrv.Close()
-	}
-	dctx, dcancel := context.WithTimeout(context.Background(), grace)
-	defer dcancel()
-	if err := srv.Shutdown(dctx); errors.Is(err, context.DeadlineExceeded) {
-		log.Warn("grace period over: closed remaining connections")
 	}
 	log.Info("stopped")
 	return nil

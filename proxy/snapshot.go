@@ -185,7 +185,11 @@ func (s *Server) compileListener(cfg *config.Config, li int, key string, l *conf
 				Metrics:           s.l7metrics,
 			})
 			if err != nil {
-				return lc, cfg.KeyError(cfg.RouteKey(li, j)+"."+l7ErrorKey(err), err)
+				field := l7ErrorKey(err)
+				// The key names the field; drop the "l7: field: " prefix
+				// that would repeat it.
+				msg := strings.TrimPrefix(strings.TrimPrefix(err.Error(), "l7: "), field+": ")
+				return lc, cfg.KeyError(cfg.RouteKey(li, j)+"."+field, &relabeled{msg, err})
 			}
 			r.l7 = h
 		}
@@ -235,6 +239,16 @@ func (s *Snapshot) retire(next *Snapshot) {
 		time.AfterFunc(s.maxWait+5*time.Second, func() { db.Close() })
 	}
 }
+
+// relabeled is an error with a shorter message that still unwraps to
+// the original (errors.Is(err, fs.ErrNotExist) keeps working).
+type relabeled struct {
+	msg string
+	err error
+}
+
+func (r *relabeled) Error() string { return r.msg }
+func (r *relabeled) Unwrap() error { return r.err }
 
 // l7ErrorKey recovers the route key an l7 error is about from its
 // "l7: key: ..." prefix, so the message points at the right line.

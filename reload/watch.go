@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+
+	"github.com/portcullis/portcullis/config"
 )
 
 // Watch reloads the config file whenever it changes, until ctx is done.
@@ -34,8 +36,12 @@ func (m *Manager) Watch(ctx context.Context) error {
 	target := m.watchTarget(w, dir, "")
 
 	base := filepath.Base(m.opts.Path)
-	var timer *time.Timer
-	var fire <-chan time.Time
+	// A change made between Start's load and the watch being set up
+	// would otherwise wait for the next edit: check once now. An
+	// unchanged file is recognised by its hash and costs nothing.
+	timer := time.NewTimer(0)
+	fire := timer.C
+	first := true
 	for {
 		select {
 		case <-ctx.Done():
@@ -64,6 +70,12 @@ func (m *Manager) Watch(ctx context.Context) error {
 		case <-fire:
 			timer, fire = nil, nil
 			target = m.watchTarget(w, dir, target)
+			if first {
+				first = false
+				if !m.fileChanged() {
+					continue // nothing happened: not worth a status line
+				}
+			}
 			m.mu.Lock()
 			err := m.reloadLocked("file", true)
 			m.mu.Unlock()
@@ -109,4 +121,14 @@ func (m *Manager) watchTarget(w *fsnotify.Watcher, dir, prev string) string {
 		}
 	}
 	return resolved
+}
+
+// fileChanged reports whether the file now parses to something other
+// than the config serving (a broken or missing file counts as changed,
+// so the reload reports it).
+func (m *Manager) fileChanged() bool {
+	cfg, err := config.Load(m.opts.Path)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return err != nil || m.file == nil || cfg.Hash() != m.file.Hash()
 }
