@@ -143,7 +143,7 @@ func newTestHandler(t *testing.T, pki *testPKI, o Options) *Handler {
 	t.Helper()
 	o.CertFile, o.KeyFile = pki.leaf(t, frontName)
 	if o.Route == "" {
-		o.Route = "test/" + frontName
+		o.Listener, o.Route = "test", frontName
 	}
 	h, err := NewHandler(o)
 	if err != nil {

@@ -102,7 +102,8 @@ const (
 // config file's defaults: DialTimeout 5s, ResponseTimeout 60s, IdleTimeout
 // 10m.
 type Options struct {
-	Route             string // metric and log label, e.g. "public/api.example.com"
+	Listener          string // metric and log labels, as on L4 routes:
+	Route             string // the listener name and the route's SNI pattern
 	CertFile, KeyFile string // PEM certificate chain and key, loaded by NewHandler
 	Backend           string // host:port
 	Protocol          string // "h2c" (when empty) | "h2" | "http1" | "https1"
@@ -159,7 +160,7 @@ func NewHandler(o Options) (*Handler, error) {
 	if h.log == nil {
 		h.log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	h.log = h.log.With("route", o.Route)
+	h.log = h.log.With("listener", o.Listener, "route", o.Route)
 	h.errorLog = slog.NewLogLogger(h.log.Handler(), slog.LevelDebug)
 	h.dialer = net.Dialer{Timeout: h.dialTimeout}
 
@@ -214,7 +215,7 @@ func NewHandler(o Options) (*Handler, error) {
 	h.h2Backend = h.protocol == protoH2C || h.protocol == protoH2
 
 	if o.Metrics != nil {
-		h.metrics = o.Metrics.forRoute(o.Route)
+		h.metrics = o.Metrics.forRoute(o.Listener, o.Route)
 	}
 	if !h.sendProxy {
 		h.shared = h.newTransport(h.dialBackend)

@@ -156,7 +156,7 @@ func TestH2Backend(t *testing.T) {
 		if code, body := getStatus(t, c, url+"/"); code != http.StatusBadGateway {
 			t.Fatalf("status %d %q, want 502", code, body)
 		}
-		if n := testutil.ToFloat64(m.backendErrors.WithLabelValues("test/"+frontName, kindUnreachable)); n != 1 {
+		if n := testutil.ToFloat64(m.backendErrors.WithLabelValues("test", frontName, kindUnreachable)); n != 1 {
 			t.Errorf("unreachable errors = %v, want 1", n)
 		}
 	})
@@ -194,10 +194,10 @@ func TestHTTP1(t *testing.T) {
 	h.Close()
 	getEcho(t, c, mustRequest(t, "GET", url+"/after-close", nil))
 
-	route := "test/" + frontName
+	route := frontName
 	waitFor(t, "2 requests counted", func() bool {
-		return testutil.ToFloat64(m.requests.WithLabelValues(route, "2xx")) == 2 &&
-			testutil.ToFloat64(m.activeStreams.WithLabelValues(route)) == 0
+		return testutil.ToFloat64(m.requests.WithLabelValues("test", route, "2xx")) == 2 &&
+			testutil.ToFloat64(m.activeStreams.WithLabelValues("test", route)) == 0
 	})
 }
 
@@ -403,7 +403,7 @@ func TestWebSocket(t *testing.T) {
 func TestBackendErrors(t *testing.T) {
 	checkLeaks(t)
 	pki := newTestPKI(t)
-	route := "test/" + frontName
+	route := frontName
 
 	closed, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -448,10 +448,10 @@ func TestBackendErrors(t *testing.T) {
 			if code != http.StatusBadGateway || body != "bad gateway\n" {
 				t.Fatalf("got %d %q, want 502 %q", code, body, "bad gateway\n")
 			}
-			if n := testutil.ToFloat64(m.backendErrors.WithLabelValues(route, kindUnreachable)); n != 1 {
+			if n := testutil.ToFloat64(m.backendErrors.WithLabelValues("test", route, kindUnreachable)); n != 1 {
 				t.Errorf("unreachable errors = %v, want 1", n)
 			}
-			waitFor(t, "5xx counted", func() bool { return testutil.ToFloat64(m.requests.WithLabelValues(route, "5xx")) == 1 })
+			waitFor(t, "5xx counted", func() bool { return testutil.ToFloat64(m.requests.WithLabelValues("test", route, "5xx")) == 1 })
 		})
 		t.Run(proto+"/timeout", func(t *testing.T) {
 			m := NewMetrics(prometheus.NewRegistry())
@@ -462,7 +462,7 @@ func TestBackendErrors(t *testing.T) {
 			if code != http.StatusGatewayTimeout || body != "gateway timeout\n" {
 				t.Fatalf("got %d %q, want 504", code, body)
 			}
-			if n := testutil.ToFloat64(m.backendErrors.WithLabelValues(route, kindTimeout)); n != 1 {
+			if n := testutil.ToFloat64(m.backendErrors.WithLabelValues("test", route, kindTimeout)); n != 1 {
 				t.Errorf("timeout errors = %v, want 1", n)
 			}
 		})
@@ -616,7 +616,7 @@ func TestServeConnDrain(t *testing.T) {
 func TestMetricNames(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := NewMetrics(reg)
-	rm := m.forRoute("public/a.example.com")
+	rm := m.forRoute("public", "a.example.com")
 	rm.requestDone(200, time.Millisecond)
 	rm.streamStarted()
 	rm.backendError(kindOther)

@@ -34,22 +34,22 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "portcullis_l7_requests_total",
 			Help: "HTTP requests proxied on L7 routes, by route and response status class (1xx counts protocol upgrades such as WebSocket; 4xx includes clients that left before the backend answered).",
-		}, []string{"route", "code_class"}),
+		}, []string{"listener", "route", "code_class"}),
 		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "portcullis_l7_request_duration_seconds",
 			Help: "Time from an L7 request's arrival until its response was completely sent (streams and upgrades included).",
 			// Up to a minute: the default ResponseTimeout, beyond which
 			// the interesting requests are long streams anyway.
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60},
-		}, []string{"route"}),
+		}, []string{"listener", "route"}),
 		activeStreams: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "portcullis_l7_active_streams",
 			Help: "L7 requests (HTTP/2 streams or HTTP/1.1 requests) currently in flight.",
-		}, []string{"route"}),
+		}, []string{"listener", "route"}),
 		backendErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "portcullis_l7_backend_errors_total",
 			Help: "L7 requests that got no response from the backend, by kind (unreachable, timeout, other).",
-		}, []string{"route", "kind"}),
+		}, []string{"listener", "route", "kind"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.requests, m.duration, m.activeStreams, m.backendErrors)
@@ -68,16 +68,16 @@ type routeMetrics struct {
 	other         prometheus.Counter
 }
 
-func (m *Metrics) forRoute(route string) *routeMetrics {
+func (m *Metrics) forRoute(listener, route string) *routeMetrics {
 	rm := &routeMetrics{
-		duration:      m.duration.WithLabelValues(route),
-		activeStreams: m.activeStreams.WithLabelValues(route),
-		unreachable:   m.backendErrors.WithLabelValues(route, kindUnreachable),
-		timeout:       m.backendErrors.WithLabelValues(route, kindTimeout),
-		other:         m.backendErrors.WithLabelValues(route, kindOther),
+		duration:      m.duration.WithLabelValues(listener, route),
+		activeStreams: m.activeStreams.WithLabelValues(listener, route),
+		unreachable:   m.backendErrors.WithLabelValues(listener, route, kindUnreachable),
+		timeout:       m.backendErrors.WithLabelValues(listener, route, kindTimeout),
+		other:         m.backendErrors.WithLabelValues(listener, route, kindOther),
 	}
 	for i, c := range codeClasses {
-		rm.requests[i] = m.requests.WithLabelValues(route, c)
+		rm.requests[i] = m.requests.WithLabelValues(listener, route, c)
 	}
 	return rm
 }

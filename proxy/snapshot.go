@@ -170,7 +170,8 @@ func (s *Server) compileListener(cfg *config.Config, li int, key string, l *conf
 		}
 		if rc.Mode == config.ModeL7 {
 			h, err := l7.NewHandler(l7.Options{
-				Route:             l.Name + "/" + rc.SNI,
+				Listener:          l.Name,
+				Route:             rc.SNI,
 				CertFile:          cfg.Resolve(rc.TLSCert),
 				KeyFile:           cfg.Resolve(rc.TLSKey),
 				Backend:           rc.Backend,
