@@ -1,0 +1,528 @@
+// Command bench is the whole-proxy load benchmark: it runs portcullis
+// (and HAProxy, when installed) on loopback in front of an in-process TLS
+// backend and compares bulk throughput, new-connection rate, CPU cost and
+// idle-connection memory with a direct connection to the backend.
+//
+//	go run ./bench -duration 5s -json bench/results/run.json
+//
+// It stops by itself after about a minute and a half, and on every exit
+// path (error, ^C) stops the processes it started, by PID, and removes
+// its temporary directory. See bench/README.md for how to read the table.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+type options struct {
+	duration time.Duration
+	idle     int
+	haproxy  string
+	jsonOut  string
+	streams  int
+	workers  int
+	rounds   int
+	bin      string
+	nofile   uint64
+}
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	var o options
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.DurationVar(&o.duration, "duration", 5*time.Second, "length of each timed phase per target")
+	fs.IntVar(&o.idle, "idle", 5000, "idle connections to park on each proxy")
+	fs.StringVar(&o.haproxy, "haproxy", "auto", "auto: also measure HAProxy when `haproxy` is on PATH; off: never")
+	fs.StringVar(&o.jsonOut, "json", "", "also write the results as JSON to this file")
+	fs.IntVar(&o.streams, "streams", 8, "parallel streams in the second bulk phase")
+	fs.IntVar(&o.workers, "workers", 8, "concurrent workers in the connection-rate phase")
+	fs.IntVar(&o.rounds, "rounds", 5, "split each bulk and rate phase into this many rounds, alternating the targets")
+	fs.StringVar(&o.bin, "bin", "", "portcullis binary to run (default: go build the module into the temp dir)")
+	fs.Uint64Var(&o.nofile, "nofile", 0, "try to raise the hard RLIMIT_NOFILE to this first (needs CAP_SYS_RESOURCE; 0: keep it)")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	switch {
+	case o.haproxy != "auto" && o.haproxy != "off":
+		fmt.Fprintln(os.Stderr, "bench: -haproxy must be auto or off")
+		return 2
+	case o.duration <= 0 || o.idle < 0 || o.streams < 1 || o.workers < 1 || o.rounds < 1:
+		fmt.Fprintln(os.Stderr, "bench: -duration, -streams, -workers and -rounds must be positive, -idle not negative")
+		return 2
+	case o.duration/time.Duration(o.rounds) < 200*time.Millisecond:
+		fmt.Fprintln(os.Stderr, "bench: -duration / -rounds must be at least 200ms")
+		return 2
+	case fs.NArg() > 0:
+		fmt.Fprintf(os.Stderr, "bench: unexpected arguments %q\n", fs.Args())
+		return 2
+	}
+
+	// The first ^C or SIGTERM cancels the run, whose deferred cleanup
+	// stops the children; a second one gets the default action (the
+	// children then die by their Pdeathsig).
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		select {
+		case s := <-sigs:
+			signal.Stop(sigs)
+			fmt.Fprintf(os.Stderr, "\nbench: %v: stopping and cleaning up (again to abort)\n", s)
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+
+	var cl cleanup
+	defer cl.run()
+	rep, err := benchmark(ctx, o, &cl)
+	if rep != nil && len(rep.Targets) > 0 && ctx.Err() == nil {
+		printTable(os.Stdout, rep)
+		if o.jsonOut != "" {
+			if werr := writeJSON(o.jsonOut, rep); werr != nil {
+				fmt.Fprintln(os.Stderr, "bench:", werr)
+				return 1
+			}
+			fmt.Printf("\nJSON written to %s\n", o.jsonOut)
+		}
+	}
+	if ctx.Err() != nil {
+		fmt.Fprintln(os.Stderr, "bench: interrupted; no results")
+		return 130
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 1
+	}
+	return 0
+}
+
+// cleanup runs registered functions in reverse order, once.
+type cleanup struct{ fns []func() }
+
+func (c *cleanup) add(f func()) { c.fns = append(c.fns, f) }
+
+func (c *cleanup) run() {
+	for i := len(c.fns) - 1; i >= 0; i-- {
+		c.fns[i]()
+	}
+	c.fns = nil
+}
+
+// target is one address the load is run against.
+type target struct {
+	name string
+	addr string
+	proc *child // the proxy process; nil for direct
+	res  *targetResult
+
+	metricsURL string // portcullis only
+}
+
+const haproxyMaxconn = 20000
+
+func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
+	started := time.Now()
+	lim, err := raiseNofile(o.nofile)
+	if err != nil {
+		return nil, fmt.Errorf("RLIMIT_NOFILE: %w", err)
+	}
+	rep := &report{
+		Started:       started,
+		GoVersion:     runtime.Version(),
+		Platform:      runtime.GOOS + "/" + runtime.GOARCH,
+		CPUs:          runtime.NumCPU(),
+		Duration:      o.duration.String(),
+		Streams:       o.streams,
+		Workers:       o.workers,
+		Rounds:        o.rounds,
+		IdleRequested: o.idle,
+		Nofile:        lim.Cur,
+	}
+
+	dir, err := os.MkdirTemp("", "portcullis-bench-")
+	if err != nil {
+		return nil, err
+	}
+	cl.add(func() { os.RemoveAll(dir) })
+
+	bin := o.bin
+	if bin == "" {
+		bin = filepath.Join(dir, "portcullis")
+		fmt.Fprintln(os.Stderr, "bench: building portcullis ...")
+		build := exec.CommandContext(ctx, "go", "build", "-o", bin, "github.com/portcullis/portcullis")
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			return nil, fmt.Errorf("go build (run from inside the repository, or pass -bin): %w", err)
+		}
+	}
+	if out, err := exec.CommandContext(ctx, bin, "version").Output(); err == nil {
+		rep.Portcullis = strings.TrimSpace(string(out))
+	}
+
+	p, err := newPKI()
+	if err != nil {
+		return nil, err
+	}
+	be, err := startBackend(p.cert)
+	if err != nil {
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	cl.add(be.close)
+
+	targets := []*target{{name: "direct", addr: be.addr()}}
+
+	pc, addr, metricsAddr, err := startPortcullis(ctx, dir, bin, be.addr())
+	if pc != nil {
+		cl.add(pc.stop)
+	}
+	if err != nil {
+		return nil, err
+	}
+	targets = append(targets, &target{name: "portcullis", addr: addr, proc: pc, metricsURL: "http://" + metricsAddr + "/metrics"})
+
+	if o.haproxy == "off" {
+		rep.HAProxy = "HAProxy not run (-haproxy off)"
+	} else if path, err := exec.LookPath("haproxy"); err != nil {
+		rep.HAProxy = "HAProxy not run (haproxy not on PATH)"
+	} else {
+		rep.HAProxy = haproxyVersion(ctx, path)
+		rep.HAProxyMaxconn = min(haproxyMaxconn, (int(lim.Cur)-64)/2)
+		if rep.HAProxyMaxconn < haproxyMaxconn {
+			rep.Notes = append(rep.Notes, fmt.Sprintf("haproxy maxconn lowered from %d to %d: HAProxy refuses to start unless RLIMIT_NOFILE (%d) covers 2*maxconn", haproxyMaxconn, rep.HAProxyMaxconn, lim.Cur))
+		}
+		hc, addr, err := startHAProxy(ctx, dir, path, be.addr(), rep.HAProxyMaxconn)
+		if hc != nil {
+			cl.add(hc.stop)
+		}
+		switch {
+		case ctx.Err() != nil:
+			return nil, ctx.Err()
+		case err != nil:
+			rep.HAProxy += " (failed to start, not measured)"
+			rep.Notes = append(rep.Notes, "haproxy: "+err.Error())
+			fmt.Fprintln(os.Stderr, "bench: haproxy:", err)
+		default:
+			targets = append(targets, &target{name: "haproxy", addr: addr, proc: hc})
+		}
+	}
+
+	for _, t := range targets {
+		if err := ping(ctx, p, t.addr); err != nil {
+			return nil, fmt.Errorf("%s: routing check (TLS to %s with SNI %s): %w", t.name, t.addr, serverName, err)
+		}
+		t.res = &targetResult{Name: t.name, Addr: t.addr}
+		if t.proc != nil {
+			t.res.PID = t.proc.pid()
+			t.res.ProxyCPU = &cpuUse{}
+		}
+		t.res.LoadCPU = &cpuUse{}
+		rep.Targets = append(rep.Targets, t.res)
+	}
+	rep.LoadAvgStart = loadAvg()
+	printHeader(os.Stderr, rep)
+
+	// Idle memory runs first, on freshly started proxies: heap that the
+	// later phases grow and free would otherwise absorb the idle
+	// connections and hide their cost.
+	fmt.Fprintf(os.Stderr, "\n[idle] %d connections per proxy\n", o.idle)
+	for _, t := range targets {
+		if t.proc == nil || o.idle == 0 {
+			continue
+		}
+		if err := alive(t); err != nil {
+			return rep, err
+		}
+		r, err := runIdle(ctx, p, be, t.addr, t.proc.pid(), o.idle, rep.Nofile, t.metricsURL)
+		if ctx.Err() != nil {
+			return rep, ctx.Err()
+		}
+		switch {
+		case errors.Is(err, errSkipped):
+			t.res.Errors = append(t.res.Errors, "idle: "+err.Error())
+			fmt.Fprintf(os.Stderr, "  %-10s %v\n", t.name, err)
+		case err != nil:
+			t.res.Errors = append(t.res.Errors, "idle: "+err.Error())
+			fmt.Fprintf(os.Stderr, "  %-10s error: %v\n", t.name, err)
+		default:
+			t.res.Idle = &r
+			fmt.Fprintf(os.Stderr, "  %-10s %d held: %+.1f KiB RSS, %.2f fds (%.2f pipe) per connection\n", t.name, r.Held, r.KiBPerConn, r.FDsPerConn, r.PipesPerConn)
+		}
+		pause(ctx)
+	}
+
+	round := o.duration / time.Duration(o.rounds)
+	for _, streams := range []int{1, o.streams} {
+		fmt.Fprintf(os.Stderr, "\n[bulk] %d stream(s), %d rounds of %v per target\n", streams, o.rounds, round)
+		failed, err := interleave(ctx, targets, o.rounds, func(t *target) error {
+			var r bulkResult
+			pcpu, lcpu, err := measureCPU(t, func() (err error) {
+				r, err = runBulk(ctx, p, t.addr, streams, round)
+				return err
+			})
+			if err != nil {
+				return fmt.Errorf("bulk %d: %w", streams, err)
+			}
+			total := &t.res.Bulk1
+			if streams != 1 {
+				total = &t.res.BulkN
+			}
+			if *total == nil {
+				*total = &bulkResult{Streams: streams}
+			}
+			(*total).add(r)
+			t.res.addBulkCPU(pcpu, lcpu, r.AllByte)
+			return nil
+		})
+		if err != nil {
+			return rep, err
+		}
+		for t := range failed { // a partial total is not comparable
+			if streams == 1 {
+				t.res.Bulk1 = nil
+			} else {
+				t.res.BulkN = nil
+			}
+		}
+		for _, t := range targets {
+			if r := t.res.bulk(streams); r != nil {
+				fmt.Fprintf(os.Stderr, "  %-10s %8.1f MiB/s\n", t.name, r.MiBps)
+			}
+		}
+	}
+
+	fmt.Fprintf(os.Stderr, "\n[connection rate] %d workers, %d rounds of %v per target\n", o.workers, o.rounds, round)
+	failed, err := interleave(ctx, targets, o.rounds, func(t *target) error {
+		var r rateResult
+		pcpu, lcpu, err := measureCPU(t, func() (err error) {
+			r, err = runRate(ctx, p, t.addr, o.workers, round)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("connection rate: %w", err)
+		}
+		if t.res.Rate == nil {
+			t.res.Rate = &rateResult{Workers: o.workers}
+		}
+		t.res.Rate.add(r)
+		t.res.addRateCPU(pcpu, lcpu, r.Conns)
+		return nil
+	})
+	if err != nil {
+		return rep, err
+	}
+	for t := range failed {
+		t.res.Rate = nil
+	}
+	for _, t := range targets {
+		if r := t.res.Rate; r != nil {
+			if r.Errors > 0 {
+				t.res.Errors = append(t.res.Errors, fmt.Sprintf("connection rate: %d failed connections, first: %s", r.Errors, r.FirstErr))
+			}
+			fmt.Fprintf(os.Stderr, "  %-10s %8.0f connections/s (%d failed)\n", t.name, r.PerSec, r.Errors)
+		}
+	}
+
+	for _, t := range targets {
+		if err := alive(t); err != nil {
+			return rep, err
+		}
+	}
+	rep.Seconds = time.Since(started).Seconds()
+	rep.LoadAvgEnd = loadAvg()
+	return rep, nil
+}
+
+// interleave runs one measurement per target per round, rotating the
+// order each round, so that load from elsewhere on the machine that comes
+// and goes during the phase is spread over all targets instead of landing
+// on whichever ran last. A target whose measurement fails is recorded
+// and left out of the rest of the phase; a proxy that died, or ^C, ends
+// the run. The failed targets are returned so their partial totals can
+// be dropped.
+func interleave(ctx context.Context, targets []*target, rounds int, measure func(*target) error) (failed map[*target]bool, err error) {
+	failed = make(map[*target]bool)
+	for r := range rounds {
+		for i := range targets {
+			t := targets[(r+i)%len(targets)]
+			if failed[t] {
+				continue
+			}
+			if err := alive(t); err != nil {
+				return nil, err
+			}
+			err := measure(t)
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			if err != nil {
+				failed[t] = true
+				t.res.Errors = append(t.res.Errors, err.Error())
+				fmt.Fprintf(os.Stderr, "  %-10s error: %v\n", t.name, err)
+				if perr := alive(t); perr != nil {
+					return nil, perr
+				}
+			}
+			pause(ctx)
+		}
+	}
+	return failed, nil
+}
+
+func alive(t *target) error {
+	if t.proc != nil && !t.proc.alive() {
+		return t.proc.exitError()
+	}
+	return nil
+}
+
+// pause lets the previous measurement's connections drain before the
+// next one starts.
+func pause(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(200 * time.Millisecond):
+	}
+}
+
+// measureCPU runs fn and returns the CPU seconds the target's proxy
+// process (0 for direct) and this process (client and backend) used
+// meanwhile, including a short tail for connection teardown.
+func measureCPU(t *target, fn func() error) (proxy, load float64, err error) {
+	self := os.Getpid()
+	var p0, p1 float64
+	if t.proc != nil {
+		if p0, err = cpuSeconds(t.proc.pid()); err != nil {
+			return 0, 0, err
+		}
+	}
+	l0, err := cpuSeconds(self)
+	if err != nil {
+		return 0, 0, err
+	}
+	if err := fn(); err != nil {
+		return 0, 0, err
+	}
+	time.Sleep(200 * time.Millisecond)
+	if t.proc != nil {
+		if p1, err = cpuSeconds(t.proc.pid()); err != nil {
+			return 0, 0, err
+		}
+	}
+	l1, err := cpuSeconds(self)
+	if err != nil {
+		return 0, 0, err
+	}
+	return p1 - p0, l1 - l0, nil
+}
+
+// startPortcullis writes the config and starts `portcullis serve`,
+// returning once its listener accepts.
+func startPortcullis(ctx context.Context, dir, bin, backendAddr string) (c *child, addr, metricsAddr string, err error) {
+	ports, err := freePorts(2)
+	if err != nil {
+		return nil, "", "", err
+	}
+	addr = "127.0.0.1:" + strconv.Itoa(ports[0])
+	metricsAddr = "127.0.0.1:" + strconv.Itoa(ports[1])
+	cfg := fmt.Sprintf(`# generated by portcullis/bench
+shutdown_grace = "1s"
+
+[metrics]
+listen = %q
+
+[state]
+database = %s
+
+[[listener]]
+name = "bench"
+listen = %q
+
+  [[listener.route]]
+  sni = %q
+  backend = %q
+`, metricsAddr, strconv.Quote(filepath.Join(dir, "state.db")), addr, serverName, backendAddr)
+	path := filepath.Join(dir, "portcullis.toml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		return nil, "", "", err
+	}
+	c, err = startChild("portcullis", filepath.Join(dir, "portcullis.log"),
+		bin, "serve", "-config", path, "-log-level", "error")
+	if err != nil {
+		return nil, "", "", err
+	}
+	if err := waitListening(ctx, c, addr, 15*time.Second); err != nil {
+		return c, "", "", err
+	}
+	return c, addr, metricsAddr, nil
+}
+
+// startHAProxy writes a minimal SNI-routing haproxy.cfg and runs HAProxy
+// in the foreground (-db), returning once its frontend accepts.
+func startHAProxy(ctx context.Context, dir, path, backendAddr string, maxconn int) (*child, string, error) {
+	ports, err := freePorts(1)
+	if err != nil {
+		return nil, "", err
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(ports[0])
+	cfg := fmt.Sprintf(`# generated by portcullis/bench
+global
+    maxconn %d
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+
+frontend f
+    bind %s
+    tcp-request inspect-delay 5s
+    tcp-request content accept if { req_ssl_hello_type 1 }
+    use_backend b if { req_ssl_sni -i %s }
+
+backend b
+    server s1 %s
+`, maxconn, addr, serverName, backendAddr)
+	cfgPath := filepath.Join(dir, "haproxy.cfg")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return nil, "", err
+	}
+	c, err := startChild("haproxy", filepath.Join(dir, "haproxy.log"), path, "-f", cfgPath, "-db")
+	if err != nil {
+		return nil, "", err
+	}
+	if err := waitListening(ctx, c, addr, 10*time.Second); err != nil {
+		return c, "", err
+	}
+	return c, addr, nil
+}
+
+func haproxyVersion(ctx context.Context, path string) string {
+	out, err := exec.CommandContext(ctx, path, "-v").Output()
+	if err != nil {
+		return "haproxy (version unknown)"
+	}
+	first, _, _ := strings.Cut(string(out), "\n")
+	if f := strings.Fields(first); len(f) >= 3 {
+		return "HAProxy " + f[2]
+	}
+	return strings.TrimSpace(first)
+}
