@@ -72,7 +72,15 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	}
 
 	bufp := helloBufs.Get().(*[]byte)
-	defer func() { helloBufs.Put(bufp) }()
+	// The buffer goes back to the pool as soon as its bytes are sent, not
+	// when the connection ends: an idle relay should not pin it.
+	release := func() {
+		if bufp != nil {
+			helloBufs.Put(bufp)
+			bufp = nil
+		}
+	}
+	defer release()
 	hello, err := readClientHello(c, *bufp)
 	if cap(hello.raw) <= 4*helloBufInitSize {
 		*bufp = hello.raw[:0] // keep a grown buffer, within reason
@@ -93,13 +101,15 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		// crypto/tls owns the connection from here; the hello bytes are
 		// replayed into it, so they must not go back to the pool.
 		raw := append([]byte(nil), hello.raw...)
+		sni := hello.sni
+		release()
 		r.l7.ServeConn(s.drainCtx, c, raw, l7.ConnInfo{
 			Client:         client,
 			Local:          local,
 			TrustForwarded: containsAddr(lc.forwardedTrusted, peer.Addr()),
-			SNI:            hello.sni,
+			SNI:            sni,
 		})
-		s.log.Info("connection", "listener", lc.name, "client", client, "sni", hello.sni,
+		s.log.Info("connection", "listener", lc.name, "client", client, "sni", sni,
 			"route", r.sni, "mode", "l7", "backend", r.backend, "duration", time.Since(start))
 		return
 	}
@@ -127,14 +137,16 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		s.reject(rl, lc, c, reasonBackendUnreachable, client, err)
 		return
 	}
+	sni, helloLen := hello.sni, len(hello.raw)
+	release()
 
 	res := relay(c, b, lc.idleTimeout)
-	res.toBackend += int64(len(hello.raw))
+	res.toBackend += int64(helloLen)
 	r.m.toBackend.Add(float64(res.toBackend))
 	r.m.toClient.Add(float64(res.toClient))
 	c.Close()
 	b.Close()
-	s.log.Info("connection", "listener", lc.name, "client", client, "sni", hello.sni,
+	s.log.Info("connection", "listener", lc.name, "client", client, "sni", sni,
 		"route", r.sni, "backend", r.backend, "bytes_in", res.toBackend, "bytes_out", res.toClient,
 		"duration", time.Since(start), "end", res.end)
 }
