@@ -5,7 +5,8 @@
 //	go run ./examples/demo-backend -listen 127.0.0.1:9001 -name app
 //
 // Every response says which backend answered and which SNI the client
-// asked for, so routing is visible with curl.
+// asked for, so routing is visible with curl; /bytes/N answers with N
+// bytes, for trying a bulk transfer.
 package main
 
 import (
@@ -17,9 +18,11 @@ import (
 	"crypto/x509/pkix"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"math/big"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -39,11 +42,24 @@ func main() {
 		ReadHeaderTimeout: 10 * time.Second,
 		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{cert}},
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			// /bytes/N sends N bytes, for trying a bulk transfer.
+			if n, err := strconv.ParseInt(strings.TrimPrefix(r.URL.Path, "/bytes/"), 10, 64); err == nil && n >= 0 {
+				w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+				io.CopyN(w, zeros{}, n)
+				return
+			}
 			fmt.Fprintf(w, "hello from backend %q: sni=%q proto=%s path=%s\n", *name, r.TLS.ServerName, r.Proto, r.URL.Path)
 		}),
 	}
 	log.Printf("demo backend %q serving HTTPS on %s", *name, *listen)
 	log.Fatal(srv.ListenAndServeTLS("", ""))
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
 }
 
 func selfSigned(hosts []string) (tls.Certificate, error) {
