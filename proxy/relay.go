@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"syscall"
 	"time"
 )
 
@@ -11,7 +12,7 @@ import (
 // the byte counters.
 type relayResult struct {
 	toBackend, toClient int64
-	end                 string // "done", "idle_timeout" or the error that ended it
+	end                 string // done, idle_timeout, client_reset, backend_reset, closed, or "error: …"
 }
 
 // relay copies both directions between the raw sockets until both are
@@ -47,11 +48,11 @@ func relay(client, backend *net.TCPConn, idle time.Duration) relayResult {
 // copyToBackend and copyToClient are the two directions, named so that
 // goroutine dumps say which way a stuck copy was going.
 func copyToBackend(backend, client *net.TCPConn, idle time.Duration, act *activity) (int64, string) {
-	return pipe(backend, client, idle, act)
+	return pipe(backend, client, "client", idle, act)
 }
 
 func copyToClient(client, backend *net.TCPConn, idle time.Duration, act *activity) (int64, string) {
-	return pipe(client, backend, idle, act)
+	return pipe(client, backend, "backend", idle, act)
 }
 
 // pipe copies src to dst until src's EOF, then half-closes dst.
@@ -62,7 +63,7 @@ func copyToClient(client, backend *net.TCPConn, idle time.Duration, act *activit
 // last check; only a connection silent in both directions for the whole
 // period is closed. Read deadlines are safe with splice: a timeout ends
 // the copy between chunks, never with bytes held in the pipe.
-func pipe(dst, src *net.TCPConn, idle time.Duration, act *activity) (int64, string) {
+func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activity) (int64, string) {
 	var total int64
 	tick := idle / 4
 	// The counters are first read at the first tick, not here: most
@@ -82,13 +83,12 @@ func pipe(dst, src *net.TCPConn, idle time.Duration, act *activity) (int64, stri
 			return total, "done"
 		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) || act.closed() {
-			// Wake the other direction too: the relay is over.
+			// Record why before closing: closing wakes the other
+			// direction with "use of closed connection", which is a
+			// consequence, not the cause.
+			act.close(endReason(err, srcName))
 			src.Close()
 			dst.Close()
-			if act.closed() {
-				return total, act.reason()
-			}
-			act.close("error: " + err.Error())
 			return total, act.reason()
 		}
 		now := time.Now()
@@ -100,7 +100,24 @@ func pipe(dst, src *net.TCPConn, idle time.Duration, act *activity) (int64, stri
 			act.close("idle_timeout")
 			src.Close()
 			dst.Close()
-			return total, "idle_timeout"
+			return total, act.reason()
 		}
 	}
+}
+
+// endReason names what ended a relay for the access log. Resets are how
+// many clients hang up, so they get a plain name rather than an error.
+func endReason(err error, srcName string) string {
+	switch {
+	case errors.Is(err, syscall.ECONNRESET):
+		return srcName + "_reset"
+	case errors.Is(err, syscall.EPIPE):
+		if srcName == "client" {
+			return "backend_reset"
+		}
+		return "client_reset"
+	case errors.Is(err, net.ErrClosed):
+		return "closed" // shutdown grace expired
+	}
+	return "error: " + err.Error()
 }
