@@ -115,7 +115,9 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	}
 
 	dialStart := time.Now()
-	d := net.Dialer{Timeout: lc.dialTimeout}
+	// No TCP keepalive (see noKeepAlive): a dead backend is noticed by
+	// idle_timeout, and the probes' setsockopt calls cost every dial.
+	d := net.Dialer{Timeout: lc.dialTimeout, KeepAlive: -1}
 	bconn, err := d.DialContext(s.hardCtx, "tcp", r.backend)
 	if err != nil {
 		s.reject(rl, lc, c, reasonBackendUnreachable, client, err)

@@ -52,21 +52,27 @@ func startProxy(t *testing.T, toml string) *harness {
 
 func (h *harness) apply(toml string) {
 	h.t.Helper()
-	path := filepath.Join(h.dir, "portcullis.toml")
-	if err := os.WriteFile(path, []byte(toml), 0o600); err != nil {
+	if err := h.srv.Apply(compileTOML(h.t, h.srv, h.dir, toml)); err != nil {
 		h.t.Fatal(err)
+	}
+}
+
+// compileTOML writes toml to dir/portcullis.toml and compiles it.
+func compileTOML(t testing.TB, srv *Server, dir, toml string) *Snapshot {
+	t.Helper()
+	path := filepath.Join(dir, "portcullis.toml")
+	if err := os.WriteFile(path, []byte(toml), 0o600); err != nil {
+		t.Fatal(err)
 	}
 	cfg, err := config.Load(path)
 	if err != nil {
-		h.t.Fatal(err)
+		t.Fatal(err)
 	}
-	snap, err := h.srv.Compile(cfg)
+	snap, err := srv.Compile(cfg)
 	if err != nil {
-		h.t.Fatal(err)
+		t.Fatal(err)
 	}
-	if err := h.srv.Apply(snap); err != nil {
-		h.t.Fatal(err)
-	}
+	return snap
 }
 
 func (h *harness) addr(listener string) string {

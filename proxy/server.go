@@ -80,6 +80,12 @@ func NewServer(o Options) *Server {
 	return s
 }
 
+// noKeepAlive turns off Go's default TCP keepalive on accepted
+// connections: idle_timeout already closes a relay whose peer went away
+// silently (no bytes either way), and the keepalive setup is four
+// setsockopt calls per connection on the accept path.
+var noKeepAlive = net.ListenConfig{KeepAlive: -1}
+
 // runningListener is an open socket. It outlives snapshots: a reload
 // that keeps the address keeps the socket, its counters and its live
 // connections.
@@ -126,7 +132,7 @@ func (s *Server) Apply(snap *Snapshot) error {
 		if _, ok := s.listeners[lc.addr]; ok {
 			continue
 		}
-		ln, err := net.Listen("tcp", lc.addr)
+		ln, err := noKeepAlive.Listen(context.Background(), "tcp", lc.addr)
 		if err != nil {
 			for _, rl := range opened {
 				rl.ln.Close()
