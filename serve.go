@@ -140,9 +140,13 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	grace := mgr.Effective().Config.ShutdownGrace.D()
 	log.Info("shutting down: draining connections", "grace", grace)
 	go func() {
-		<-sigs
-		log.Warn("second signal: exiting at once")
-		os.Exit(1)
+		for sig := range sigs {
+			if sig == syscall.SIGHUP {
+				continue // a reload request (logrotate, say) is no reason to cut the drain
+			}
+			log.Warn("second signal: exiting at once", "signal", sig.String())
+			os.Exit(1)
+		}
 	}()
 	cancel()
 	if err := <-watchDone; err != nil {
