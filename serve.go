@@ -124,7 +124,15 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	}
 
 	watchDone := make(chan error, 1)
-	go func() { watchDone <- mgr.Watch(ctx) }()
+	go func() {
+		err := mgr.Watch(ctx)
+		if err != nil {
+			// Say so now, not at exit: until then only SIGHUP and the
+			// admin Reload call pick up file changes.
+			log.Error("config file watcher stopped; use SIGHUP to reload", "err", err)
+		}
+		watchDone <- err
+	}()
 
 	for _, st := range srv.Status() {
 		log.Info("listening", "listener", st.Name, "addr", st.Address)
@@ -149,9 +157,7 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 		}
 	}()
 	cancel()
-	if err := <-watchDone; err != nil {
-		log.Warn("config watcher", "err", err)
-	}
+	<-watchDone
 	// The proxy stops accepting first; the admin API and /metrics stay
 	// up while connections drain, so operators can watch the drain.
 	dctx, dcancel := context.WithTimeout(context.Background(), grace)
