@@ -482,7 +482,13 @@ func routeFromPB(p *adminpb.Route) (config.Route, error) {
 	}
 	r.ApplyDefaults()
 	if err := r.Validate(); err != nil {
-		return r, invalid("route."+config.Field(err), err)
+		// The field goes in the key; the message is the inner error so
+		// the field is not named twice ("route.sni: sni: ...").
+		inner := err
+		if u := errors.Unwrap(err); u != nil {
+			inner = u
+		}
+		return r, invalid("route."+config.Field(err), inner)
 	}
 	return r, nil
 }
