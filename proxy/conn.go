@@ -82,7 +82,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	}
 	defer release()
 	hello, err := readClientHello(c, *bufp)
-	if cap(hello.raw) <= 4*helloBufInitSize {
+	if c := cap(hello.raw); c > cap(*bufp) && c <= 4*helloBufInitSize {
 		*bufp = hello.raw[:0] // keep a grown buffer, within reason
 	}
 	if err != nil {
