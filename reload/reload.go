@@ -15,7 +15,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"sync"
 	"time"
@@ -63,6 +62,7 @@ type Manager struct {
 
 	mu        sync.Mutex
 	file      *config.Config   // the last file config that compiled
+	fileHash  string           // file.Hash(), computed once
 	overrides *state.Overrides // as stored
 	eff       *Effective
 	status    Status
@@ -102,13 +102,13 @@ func (m *Manager) Start(ctx context.Context) error {
 	if err := m.publish(cfg, o); err != nil {
 		return err
 	}
-	m.file = cfg
+	m.file, m.fileHash = cfg, cfg.Hash()
 	m.record("startup", "success", nil)
 	if m.opts.Store != nil {
 		if h, err := m.opts.Store.FileHash(ctx); err == nil && h == "" {
 			// The first start with an empty database records which file
 			// it began from.
-			if err := m.opts.Store.SetFileHash(ctx, cfg.Hash()); err != nil {
+			if err := m.opts.Store.SetFileHash(ctx, m.fileHash); err != nil {
 				m.log.Warn("recording config hash", "err", err)
 			}
 		}
@@ -136,7 +136,8 @@ func (m *Manager) reloadLocked(trigger string, skipUnchanged bool) error {
 		m.record(trigger, "failure", err)
 		return err
 	}
-	if skipUnchanged && m.file != nil && cfg.Hash() == m.file.Hash() {
+	hash := cfg.Hash()
+	if skipUnchanged && m.file != nil && hash == m.fileHash {
 		m.record(trigger, "unchanged", nil)
 		return nil
 	}
@@ -144,7 +145,7 @@ func (m *Manager) reloadLocked(trigger string, skipUnchanged bool) error {
 		m.record(trigger, "failure", err)
 		return err
 	}
-	m.file = cfg
+	m.file, m.fileHash = cfg, hash
 	m.record(trigger, "success", nil)
 	return nil
 }
@@ -251,7 +252,7 @@ func (m *Manager) record(trigger, result string, err error) {
 		m.log.Error("reload failed; still serving the previous configuration", "trigger", trigger, "err", err)
 	case "success":
 		m.status.LastSuccess = now
-		m.status.Hash = m.file.Hash()
+		m.status.Hash = m.fileHash
 		m.metrics.lastOK.Set(1)
 		m.metrics.lastSuccess.Set(float64(now.UnixNano()) / 1e9)
 		m.metrics.info.Reset()
@@ -262,7 +263,3 @@ func (m *Manager) record(trigger, result string, err error) {
 		m.log.Debug("configuration unchanged", "trigger", trigger)
 	}
 }
-
-// isNotExist reports a config file that is missing at the moment, as
-// happens between the delete and the re-create of some save styles.
-func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }

@@ -156,6 +156,9 @@ func TestTriggers(t *testing.T) {
 		os.Remove(r.path)
 		time.Sleep(150 * time.Millisecond) // past the debounce: the file is missing for a while
 		r.await("l", "A")                  // still serving
+		if n := r.count("failure"); n != 0 {
+			t.Fatalf("a missing file counted as %v failed reloads", n)
+		}
 		r.write(appConfig(b))
 		r.await("l", "B")
 	})

@@ -2,6 +2,9 @@ package reload
 
 import (
 	"context"
+	"errors"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -70,6 +73,12 @@ func (m *Manager) Watch(ctx context.Context) error {
 		case <-fire:
 			timer, fire = nil, nil
 			target = m.watchTarget(w, dir, target)
+			if _, err := os.Stat(m.opts.Path); errors.Is(err, fs.ErrNotExist) {
+				// Between the delete and the re-create of some save
+				// styles: not a failed reload, the create event follows.
+				m.log.Warn("config file is missing; still serving the previous configuration", "path", m.opts.Path)
+				continue
+			}
 			if first {
 				first = false
 				if !m.fileChanged() {
@@ -77,11 +86,8 @@ func (m *Manager) Watch(ctx context.Context) error {
 				}
 			}
 			m.mu.Lock()
-			err := m.reloadLocked("file", true)
+			m.reloadLocked("file", true)
 			m.mu.Unlock()
-			if err != nil && isNotExist(err) {
-				m.log.Warn("config file is missing; still serving the previous configuration", "path", m.opts.Path)
-			}
 		}
 	}
 }
@@ -130,5 +136,5 @@ func (m *Manager) fileChanged() bool {
 	cfg, err := config.Load(m.opts.Path)
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return err != nil || m.file == nil || cfg.Hash() != m.file.Hash()
+	return err != nil || m.file == nil || cfg.Hash() != m.fileHash
 }
