@@ -354,51 +354,79 @@ func TestThousandConcurrentConnections(t *testing.T) {
 	// TestMain's goleak check fails the run if any relay goroutine is left.
 }
 
-// TestRelayUsesSplice guards the zero-copy path: Go's splice keeps a pipe
-// per direction while it waits for data, so idle relays show up as pipe
-// descriptors. A relay that wrapped the sockets would copy through a user
-// space buffer and hold no pipes.
+// TestRelayUsesSplice guards the zero-copy path. Go's splice keeps a
+// pipe per direction while it waits for data, so relays that have
+// carried bulk data and then gone quiet show up as pipe descriptors; a
+// relay that wrapped the sockets would copy through a user-space buffer
+// and hold none. Relays that only exchanged small messages stay on
+// read/write and hold no pipe either.
 func TestRelayUsesSplice(t *testing.T) {
 	if _, err := os.Stat("/proc/self/fd"); err != nil {
 		t.Skip("needs /proc")
 	}
 	const n = 20
+	const bulk = 1 << 20
 	hello := clientHelloBytes(t, &tls.Config{ServerName: "splice.test"})
 	backend := rawBackend(t, func(c *net.TCPConn) {
 		c.SetDeadline(time.Now().Add(time.Minute))
 		io.ReadFull(c, make([]byte, len(hello)))
+		mode, _ := readLine(c)
+		if mode == "bulk" {
+			c.Write(make([]byte, bulk))
+			io.ReadFull(c, make([]byte, bulk))
+		}
 		io.WriteString(c, "ready\n")
 		io.Copy(io.Discard, c)
 	})
 	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("splice.test", backend))
 	// Earlier relays leave pipes in the runtime's pool; let the GC close
 	// them so the count below only sees pipes held by these relays.
-	before := countPipes(t)
-	for i := 0; i < 20; i++ {
-		runtime.GC()
-		time.Sleep(10 * time.Millisecond)
-		if n := countPipes(t); n < before {
-			before = n
-		} else if n == 0 {
-			break
+	settle := func() int {
+		before := countPipes(t)
+		for i := 0; i < 20; i++ {
+			runtime.GC()
+			time.Sleep(10 * time.Millisecond)
+			if n := countPipes(t); n < before {
+				before = n
+			} else if n == 0 {
+				break
+			}
 		}
+		return before
 	}
-	var conns []net.Conn
-	for i := 0; i < n; i++ {
+	open := func(mode string) net.Conn {
 		c, err := net.Dial("tcp", h.addr("l"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
-		conns = append(conns, c)
+		t.Cleanup(func() { c.Close() })
 		c.SetDeadline(time.Now().Add(time.Minute))
-		c.Write(hello)
+		c.Write(append(append([]byte{}, hello...), mode+"\n"...))
+		if mode == "bulk" {
+			if _, err := io.ReadFull(c, make([]byte, bulk)); err != nil {
+				t.Fatal(err)
+			}
+			c.Write(make([]byte, bulk))
+		}
 		if line, _ := readLine(c); line != "ready" {
 			t.Fatalf("greeting %q", line)
 		}
+		return c
 	}
-	// Each idle relay direction blocks in splice holding a pipe (two
-	// descriptors); demand at least one pipe per connection.
+
+	before := settle()
+	for i := 0; i < n; i++ {
+		open("small")
+	}
+	time.Sleep(50 * time.Millisecond)
+	if got := countPipes(t) - before; got > 2 {
+		t.Errorf("%d pipe descriptors for %d relays that only carried small messages, want none", got, n)
+	}
+	for i := 0; i < n; i++ {
+		open("bulk")
+	}
+	// Each direction that carried bulk data now waits in splice holding
+	// a pipe (two descriptors); demand at least one pipe per connection.
 	waitFor(t, "splice pipes", func() bool { return countPipes(t)-before >= 2*n })
 }
 

@@ -2,8 +2,10 @@ package proxy
 
 import (
 	"errors"
+	"io"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -22,7 +24,7 @@ type relayResult struct {
 // neither outlives the call.
 //
 // The arguments are *net.TCPConn on purpose: (*net.TCPConn).ReadFrom with
-// a *net.TCPConn source is what lets the runtime use splice(2), so the
+// a *net.TCPConn source is what lets the runtime use splice(2), so bulk
 // payload never enters user space. Wrapping either side would silently
 // fall back to a read/write loop through a buffer.
 func relay(client, backend *net.TCPConn, idle time.Duration) relayResult {
@@ -55,7 +57,23 @@ func copyToClient(client, backend *net.TCPConn, idle time.Duration, act *activit
 	return pipe(client, backend, "backend", idle, act)
 }
 
+// chunkSize is the read/write buffer for small messages. A read that
+// fills it means bulk data is flowing, and the direction switches to
+// splice for the rest of the connection.
+const chunkSize = 16 << 10
+
+// chunks lends read/write buffers only while a chunk is in flight, so an
+// idle relay holds no buffer.
+var chunks = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b }}
+
 // pipe copies src to dst until src's EOF, then half-closes dst.
+//
+// It starts with plain read/write: a TLS handshake and small
+// request/response exchanges are cheaper that way than through a splice
+// pipe (two splice calls and pipe bookkeeping per message), and a relay
+// waiting in this mode holds neither a buffer nor a pipe. The first read
+// that fills a whole chunk switches the direction to splice, where bulk
+// payload stays in the kernel.
 //
 // The idle timeout is a read deadline on src, re-armed every quarter
 // period. When it fires, the kernel's per-socket receive counters tell
@@ -72,13 +90,41 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 	// at worst delays the idle verdict by one tick.
 	var lastSeen uint64
 	lastChange := time.Now()
+	var armed time.Time // the read deadline now set on src
+	spliced := false
+	rc, err := src.SyscallConn()
+	if err != nil {
+		spliced = true
+	}
 	for {
 		if idle > 0 {
-			src.SetReadDeadline(time.Now().Add(tick))
+			// Re-arming costs a timer update; do it only when the
+			// deadline is more than half used.
+			if now := time.Now(); armed.Sub(now) < tick/2 {
+				armed = now.Add(tick)
+				src.SetReadDeadline(armed)
+			}
 		}
-		n, err := dst.ReadFrom(src)
+		var n int64
+		var err error
+		if spliced {
+			n, err = dst.ReadFrom(src)
+			if err == nil {
+				err = io.EOF // ReadFrom ends cleanly only at src's EOF
+			}
+		} else {
+			var full bool
+			n, full, err = copyChunk(dst, rc)
+			spliced = full
+		}
 		total += n
-		if err == nil { // src reached EOF
+		if n > 0 {
+			lastChange = time.Now()
+		}
+		if err == nil {
+			continue
+		}
+		if err == io.EOF {
 			dst.CloseWrite()
 			return total, "done"
 		}
@@ -91,8 +137,9 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 			dst.Close()
 			return total, act.reason()
 		}
+		armed = time.Time{}
 		now := time.Now()
-		if c := act.count(); n > 0 || c != lastSeen {
+		if c := act.count(); c != lastSeen {
 			lastSeen, lastChange = c, now
 			continue
 		}
@@ -103,6 +150,47 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 			return total, act.reason()
 		}
 	}
+}
+
+// copyChunk waits until src is readable, reads once into a pooled
+// buffer and writes what it got to dst. full reports a read that filled
+// the buffer. It returns io.EOF at src's end of stream.
+func copyChunk(dst *net.TCPConn, src syscall.RawConn) (n int64, full bool, err error) {
+	var buf *[]byte
+	var got int
+	var rerr error
+	// RawConn.Read parks the goroutine until the socket is readable
+	// (honouring the read deadline) without a buffer taken.
+	werr := src.Read(func(fd uintptr) bool {
+		buf = chunks.Get().(*[]byte)
+		for {
+			got, rerr = syscall.Read(int(fd), *buf)
+			if rerr != syscall.EINTR {
+				break
+			}
+		}
+		if rerr == syscall.EAGAIN {
+			chunks.Put(buf)
+			buf = nil
+			return false
+		}
+		return true
+	})
+	if werr != nil {
+		if buf != nil {
+			chunks.Put(buf)
+		}
+		return 0, false, werr
+	}
+	defer chunks.Put(buf)
+	if rerr != nil {
+		return 0, false, os.NewSyscallError("read", rerr)
+	}
+	if got == 0 {
+		return 0, false, io.EOF
+	}
+	w, err := dst.Write((*buf)[:got])
+	return int64(w), got == len(*buf), err
 }
 
 // endReason names what ended a relay for the access log. Resets are how
