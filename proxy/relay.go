@@ -96,6 +96,8 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 	if err != nil {
 		spliced = true
 	}
+	cr := &chunkReader{}
+	read := cr.read // one method value per direction, not one per chunk
 	for {
 		if idle > 0 {
 			// Re-arming costs a timer update; do it only when the
@@ -114,7 +116,7 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 			}
 		} else {
 			var full bool
-			n, full, err = copyChunk(dst, rc)
+			n, full, err = copyChunk(dst, rc, cr, read)
 			spliced = full
 		}
 		total += n
@@ -152,45 +154,54 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 	}
 }
 
-// copyChunk waits until src is readable, reads once into a pooled
-// buffer and writes what it got to dst. full reports a read that filled
-// the buffer. It returns io.EOF at src's end of stream.
-func copyChunk(dst *net.TCPConn, src syscall.RawConn) (n int64, full bool, err error) {
-	var buf *[]byte
-	var got int
-	var rerr error
-	// RawConn.Read parks the goroutine until the socket is readable
-	// (honouring the read deadline) without a buffer taken.
-	werr := src.Read(func(fd uintptr) bool {
-		buf = chunks.Get().(*[]byte)
-		for {
-			got, rerr = syscall.Read(int(fd), *buf)
-			if rerr != syscall.EINTR {
-				break
-			}
+// chunkReader reads one chunk from a raw socket into a pooled buffer.
+// Its read method is handed to RawConn.Read, which parks the goroutine
+// until the socket is readable (honouring the read deadline) before the
+// buffer is taken; one chunkReader per direction, reused per chunk.
+type chunkReader struct {
+	buf *[]byte
+	got int
+	err error
+}
+
+func (cr *chunkReader) read(fd uintptr) bool {
+	cr.buf = chunks.Get().(*[]byte)
+	for {
+		cr.got, cr.err = syscall.Read(int(fd), *cr.buf)
+		if cr.err != syscall.EINTR {
+			break
 		}
-		if rerr == syscall.EAGAIN {
-			chunks.Put(buf)
-			buf = nil
-			return false
-		}
-		return true
-	})
-	if werr != nil {
-		if buf != nil {
-			chunks.Put(buf)
-		}
-		return 0, false, werr
 	}
+	if cr.err == syscall.EAGAIN {
+		chunks.Put(cr.buf)
+		cr.buf = nil
+		return false // not readable after all: wait again
+	}
+	return true
+}
+
+// copyChunk waits until src is readable, reads once and writes what it
+// got to dst. full reports a read that filled the buffer. It returns
+// io.EOF at src's end of stream.
+func copyChunk(dst *net.TCPConn, src syscall.RawConn, cr *chunkReader, read func(uintptr) bool) (n int64, full bool, err error) {
+	if err := src.Read(read); err != nil {
+		if cr.buf != nil {
+			chunks.Put(cr.buf)
+			cr.buf = nil
+		}
+		return 0, false, err
+	}
+	buf := cr.buf
+	cr.buf = nil
 	defer chunks.Put(buf)
-	if rerr != nil {
-		return 0, false, os.NewSyscallError("read", rerr)
+	if cr.err != nil {
+		return 0, false, os.NewSyscallError("read", cr.err)
 	}
-	if got == 0 {
+	if cr.got == 0 {
 		return 0, false, io.EOF
 	}
-	w, err := dst.Write((*buf)[:got])
-	return int64(w), got == len(*buf), err
+	w, err := dst.Write((*buf)[:cr.got])
+	return int64(w), cr.got == len(*buf), err
 }
 
 // endReason names what ended a relay for the access log. Resets are how
