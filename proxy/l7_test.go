@@ -36,6 +36,18 @@ func h2cBackend(t *testing.T, name string) string {
 	return ln.Addr().String()
 }
 
+// webRouteTOML is an L7 route for web.test to an h2c backend.
+func webRouteTOML(backend, cert, key string) string {
+	return fmt.Sprintf(`
+  [[listener.route]]
+  sni = "web.test"
+  mode = "l7"
+  backend = %q
+  tls_cert = %q
+  tls_key = %q
+`, backend, cert, key)
+}
+
 func h2Client(ca *testpki.CA, dial func() (net.Conn, error)) *http.Client {
 	return &http.Client{
 		Timeout: 10 * time.Second,
@@ -76,18 +88,8 @@ func TestL4AndL7OnOneListener(t *testing.T) {
 	leaf := ca.Leaf(t, "web.test")
 	l4 := newTLSBackend(t, ca, "L4", "tcp.test")
 	web := h2cBackend(t, "WEB")
-	h := startProxy(t, fmt.Sprintf(`
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-%s
-  [[listener.route]]
-  sni = "web.test"
-  mode = "l7"
-  backend = %q
-  tls_cert = %q
-  tls_key = %q
-`, routeTOML("tcp.test", l4.addr()), web, leaf.CertFile, leaf.KeyFile))
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+
+		routeTOML("tcp.test", l4.addr())+webRouteTOML(web, leaf.CertFile, leaf.KeyFile))
 	addr := h.addr("l")
 
 	c, greeting := dialTLS(t, addr, "tcp.test", ca)
@@ -109,20 +111,9 @@ func TestL7SeesProxyHeaderAddress(t *testing.T) {
 	ca := testpki.NewCA(t)
 	leaf := ca.Leaf(t, "web.test")
 	web := h2cBackend(t, "WEB")
-	h := startProxy(t, fmt.Sprintf(`
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-proxy_protocol = true
-proxy_protocol_trusted = ["127.0.0.1/32"]
-
-  [[listener.route]]
-  sni = "web.test"
-  mode = "l7"
-  backend = %q
-  tls_cert = %q
-  tls_key = %q
-`, web, leaf.CertFile, leaf.KeyFile))
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+
+		"proxy_protocol = true\nproxy_protocol_trusted = [\"127.0.0.1/32\"]\n"+
+		webRouteTOML(web, leaf.CertFile, leaf.KeyFile))
 	addr := h.addr("l")
 	client := h2Client(ca, func() (net.Conn, error) {
 		c, err := net.Dial("tcp", addr)
@@ -161,18 +152,7 @@ func TestL7CertificateChangesOnReload(t *testing.T) {
 		}
 	}
 	install(first)
-	cfg := fmt.Sprintf(`
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-
-  [[listener.route]]
-  sni = "web.test"
-  mode = "l7"
-  backend = %q
-  tls_cert = %q
-  tls_key = %q
-`, web, certFile, keyFile)
+	cfg := "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n" + webRouteTOML(web, certFile, keyFile)
 	h := startProxy(t, cfg)
 	serial := func() string {
 		c, err := tls.Dial("tcp", h.addr("l"), &tls.Config{ServerName: "web.test", RootCAs: ca.Pool(), NextProtos: []string{"h2"}})
