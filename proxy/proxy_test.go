@@ -478,6 +478,31 @@ idle_timeout = "400ms"
 			t.Fatal("relay was not closed by idle_timeout")
 		}
 	})
+	t.Run("silent after bulk (spliced) is closed", func(t *testing.T) {
+		c, err := net.Dial("tcp", h.addr("l"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write(append(append([]byte{}, hello...), "bulk\n"...))
+		// Full chunks switch the client-to-backend direction to splice;
+		// its idle check must work the same way there.
+		if _, err := c.Write(make([]byte, 1<<20)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Fatal("read data, want close")
+		} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			t.Fatal("spliced relay was not closed by idle_timeout")
+		}
+		waitFor(t, "backend result", func() bool { mu.Lock(); defer mu.Unlock(); _, ok := received["bulk"]; return ok })
+		mu.Lock()
+		defer mu.Unlock()
+		if received["bulk"] != 1<<20 {
+			t.Fatalf("backend received %d bytes, want all %d before the idle close", received["bulk"], 1<<20)
+		}
+	})
 	t.Run("one-way traffic keeps it open", func(t *testing.T) {
 		c, err := net.Dial("tcp", h.addr("l"))
 		if err != nil {
