@@ -117,3 +117,18 @@ func (rm *routeMetrics) backendError(kind string) {
 		rm.other.Inc()
 	}
 }
+
+// DeleteRoute drops a route's series once the route is gone from the
+// configuration, so routes that come and go (through the admin API, say)
+// do not pile up series. Requests still running on the old route keep
+// counting into series that are no longer exported.
+func (m *Metrics) DeleteRoute(listener, route string) {
+	if m == nil {
+		return
+	}
+	labels := prometheus.Labels{"listener": listener, "route": route}
+	m.requests.DeletePartialMatch(labels)
+	m.duration.DeletePartialMatch(labels)
+	m.activeStreams.DeletePartialMatch(labels)
+	m.backendErrors.DeletePartialMatch(labels)
+}

@@ -104,3 +104,39 @@ func (m *metrics) forRoute(listener, sni string) routeMetrics {
 		dial:      m.dial.WithLabelValues(listener, sni),
 	}
 }
+
+// forget drops the series of routes and listeners that prev had and next
+// does not, so configuration churn does not grow the exported series
+// without bound. Connections still running on a removed route keep
+// counting into series that are no longer exported.
+func (m *metrics) forget(prev, next *Snapshot, l7m interface{ DeleteRoute(listener, route string) }) {
+	type key struct{ listener, sni string }
+	keep := map[key]bool{}
+	names := map[string]bool{}
+	for _, lc := range next.order {
+		names[lc.name] = true
+		for _, r := range lc.routes.all {
+			keep[key{lc.name, r.sni}] = true
+		}
+	}
+	for _, lc := range prev.order {
+		for _, r := range lc.routes.all {
+			if keep[key{lc.name, r.sni}] {
+				continue
+			}
+			labels := prometheus.Labels{"listener": lc.name, "route": r.sni}
+			m.routeConns.DeletePartialMatch(labels)
+			m.routeBytes.DeletePartialMatch(labels)
+			m.dial.DeletePartialMatch(labels)
+			if r.l7 != nil {
+				l7m.DeleteRoute(lc.name, r.sni)
+			}
+		}
+		if !names[lc.name] {
+			labels := prometheus.Labels{"listener": lc.name}
+			m.accepted.DeletePartialMatch(labels)
+			m.active.DeletePartialMatch(labels)
+			m.rejected.DeletePartialMatch(labels)
+		}
+	}
+}

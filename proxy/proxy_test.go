@@ -643,3 +643,36 @@ func TestShutdownGraceExpires(t *testing.T) {
 		t.Fatal("connection still open after the grace period")
 	}
 }
+
+// TestRemovedRoutesLeaveNoSeries: series of routes and listeners that a
+// reload removed are no longer exported, so configuration churn does not
+// grow /metrics without bound.
+func TestRemovedRoutesLeaveNoSeries(t *testing.T) {
+	backend := rawBackend(t, func(c *net.TCPConn) {})
+	base := "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n" + routeTOML("keep.test", backend)
+	h := startProxy(t, base+routeTOML("gone.test", backend)+"[[listener]]\nname = \"old\"\nlisten = \"127.0.0.2:0\"\n")
+	series := func() string {
+		mfs, err := h.reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b strings.Builder
+		for _, mf := range mfs {
+			for _, m := range mf.GetMetric() {
+				fmt.Fprintln(&b, mf.GetName(), m.GetLabel())
+			}
+		}
+		return b.String()
+	}
+	if s := series(); !strings.Contains(s, "gone.test") || !strings.Contains(s, `value:"old"`) {
+		t.Fatalf("series missing before the reload:\n%s", s)
+	}
+	h.apply(base)
+	s := series()
+	if strings.Contains(s, "gone.test") || strings.Contains(s, `value:"old"`) {
+		t.Fatalf("removed route or listener still exported:\n%s", s)
+	}
+	if !strings.Contains(s, "keep.test") {
+		t.Fatalf("kept route lost its series:\n%s", s)
+	}
+}

@@ -161,6 +161,7 @@ func (s *Server) Apply(snap *Snapshot) error {
 	}
 	if prev != nil {
 		prev.retire(snap)
+		s.metrics.forget(prev, snap, s.l7metrics)
 	}
 	return nil
 }
