@@ -21,11 +21,12 @@ var helloBufs = sync.Pool{New: func() any { b := make([]byte, 0, helloBufInitSiz
 // serveConn takes one accepted connection through the pre-routing stages
 // in order — PROXY header, firewall, ClientHello — each reading from the
 // bare socket, so nothing is ever buffered past what a stage needs.
+//
+// An L4 connection's relay runs in two fresh goroutines and this one
+// returns: its stack grew through the dial and the ClientHello, and an
+// idle relay should not keep that stack for its lifetime. The relay then
+// owns the connection's bookkeeping (see closeConn).
 func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListener, c *net.TCPConn) {
-	defer s.conns.Done()
-	defer lc.m.active.Dec()
-	defer rl.active.Add(-1)
-
 	start := time.Now()
 	peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
 	peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
@@ -35,7 +36,20 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 
 	// A hard shutdown closes the socket, which unblocks any stage below.
 	stop := context.AfterFunc(s.hardCtx, func() { c.Close() })
-	defer stop()
+	// closeConn is the connection's end: run here, or by the relay once
+	// both directions are done.
+	closeConn := func() {
+		stop()
+		rl.active.Add(-1)
+		lc.m.active.Dec()
+		s.conns.Done()
+	}
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			closeConn()
+		}
+	}()
 
 	c.SetReadDeadline(start.Add(lc.handshakeTimeout))
 	if lc.proxyProtocol {
@@ -125,8 +139,6 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	}
 	r.m.dial.Observe(time.Since(dialStart).Seconds())
 	b := bconn.(*net.TCPConn)
-	stopB := context.AfterFunc(s.hardCtx, func() { b.Close() })
-	defer stopB()
 
 	// PROXY v2 header and the recorded ClientHello go out in one write.
 	out := hello.raw
@@ -142,15 +154,20 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	sni, helloLen := hello.sni, len(hello.raw)
 	release()
 
-	res := relay(c, b, lc.idleTimeout)
-	res.toBackend += int64(helloLen)
-	r.m.toBackend.Add(float64(res.toBackend))
-	r.m.toClient.Add(float64(res.toClient))
-	c.Close()
-	b.Close()
-	s.log.Info("connection", "listener", lc.name, "client", client, "sni", sni,
-		"route", r.sni, "backend", r.backend, "bytes_in", res.toBackend, "bytes_out", res.toClient,
-		"duration", time.Since(start), "end", res.end)
+	stopB := context.AfterFunc(s.hardCtx, func() { b.Close() })
+	handedOff = true
+	startRelay(c, b, lc.idleTimeout, func(res relayResult) {
+		stopB()
+		c.Close()
+		b.Close()
+		res.toBackend += int64(helloLen)
+		r.m.toBackend.Add(float64(res.toBackend))
+		r.m.toClient.Add(float64(res.toClient))
+		s.log.Info("connection", "listener", lc.name, "client", client, "sni", sni,
+			"route", r.sni, "backend", r.backend, "bytes_in", res.toBackend, "bytes_out", res.toClient,
+			"duration", time.Since(start), "end", res.end)
+		closeConn()
+	})
 }
 
 // timeoutOr classifies a pre-routing read error: a deadline that expired

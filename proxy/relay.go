@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -17,44 +18,58 @@ type relayResult struct {
 	end                 string // done, idle_timeout, client_reset, backend_reset, closed, or "error: …"
 }
 
-// relay copies both directions between the raw sockets until both are
-// done. Each direction ends by half-closing its destination, so a client
-// that shuts its write side still receives the whole reply. The caller's
-// goroutine runs one direction and one more goroutine runs the other;
-// neither outlives the call.
+// startRelay copies both directions between the raw sockets in two
+// goroutines and calls finish from the last of them once both are done.
+// Each direction ends by half-closing its destination, so a client that
+// shuts its write side still receives the whole reply. Neither goroutine
+// outlives the connection.
 //
 // The arguments are *net.TCPConn on purpose: (*net.TCPConn).ReadFrom with
 // a *net.TCPConn source is what lets the runtime use splice(2), so bulk
 // payload never enters user space. Wrapping either side would silently
 // fall back to a read/write loop through a buffer.
-func relay(client, backend *net.TCPConn, idle time.Duration) relayResult {
-	act := newActivity(client, backend)
-	type result struct {
-		n   int64
-		end string
-	}
-	back := make(chan result, 1)
-	go func() {
-		n, end := copyToClient(client, backend, idle, act)
-		back <- result{n, end}
-	}()
-	toBackend, end1 := copyToBackend(backend, client, idle, act)
-	r := <-back
-	end := end1
-	if end == "done" {
-		end = r.end
-	}
-	return relayResult{toBackend: toBackend, toClient: r.n, end: end}
+func startRelay(client, backend *net.TCPConn, idle time.Duration, finish func(relayResult)) {
+	j := &relayJob{client: client, backend: backend, idle: idle, act: newActivity(client, backend), finish: finish}
+	j.pending.Store(2)
+	go j.copyToBackend()
+	go j.copyToClient()
+}
+
+// relayJob is one relay's shared state.
+type relayJob struct {
+	client, backend *net.TCPConn
+	idle            time.Duration
+	act             *activity
+	finish          func(relayResult)
+
+	pending             atomic.Int32
+	toBackend, toClient int64     // each written by its own direction
+	ends                [2]string // why each direction ended
 }
 
 // copyToBackend and copyToClient are the two directions, named so that
 // goroutine dumps say which way a stuck copy was going.
-func copyToBackend(backend, client *net.TCPConn, idle time.Duration, act *activity) (int64, string) {
-	return pipe(backend, client, "client", idle, act)
+func (j *relayJob) copyToBackend() {
+	j.toBackend, j.ends[0] = pipe(j.backend, j.client, "client", j.idle, j.act)
+	j.done()
 }
 
-func copyToClient(client, backend *net.TCPConn, idle time.Duration, act *activity) (int64, string) {
-	return pipe(client, backend, "backend", idle, act)
+func (j *relayJob) copyToClient() {
+	j.toClient, j.ends[1] = pipe(j.client, j.backend, "backend", j.idle, j.act)
+	j.done()
+}
+
+// done runs finish when the second direction ends; the atomic counter
+// orders both directions' writes before finish reads them.
+func (j *relayJob) done() {
+	if j.pending.Add(-1) != 0 {
+		return
+	}
+	end := j.ends[0]
+	if end == "done" {
+		end = j.ends[1]
+	}
+	j.finish(relayResult{toBackend: j.toBackend, toClient: j.toClient, end: end})
 }
 
 // chunkSize is the read/write buffer for small messages. A read that
