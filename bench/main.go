@@ -36,6 +36,7 @@ type options struct {
 	rounds   int
 	bin      string
 	nofile   uint64
+	procs    int
 }
 
 func main() {
@@ -53,6 +54,7 @@ func run(args []string) int {
 	fs.IntVar(&o.workers, "workers", 8, "concurrent workers in the connection-rate phase")
 	fs.IntVar(&o.rounds, "rounds", 5, "split each bulk and rate phase into this many rounds, alternating the targets")
 	fs.StringVar(&o.bin, "bin", "", "portcullis binary to run (default: go build the module into the temp dir)")
+	fs.IntVar(&o.procs, "proxy-procs", 0, "run portcullis with GOMAXPROCS set to this (0: the runtime's default)")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "try to raise the hard RLIMIT_NOFILE to this first (needs CAP_SYS_RESOURCE; 0: keep it)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -189,7 +191,7 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 
 	targets := []*target{{name: "direct", addr: be.addr()}}
 
-	pc, addr, metricsAddr, err := startPortcullis(ctx, dir, bin, be.addr())
+	pc, addr, metricsAddr, err := startPortcullis(ctx, dir, bin, be.addr(), o.procs)
 	if pc != nil {
 		cl.add(pc.stop)
 	}
@@ -435,7 +437,7 @@ func measureCPU(t *target, fn func() error) (proxy, load float64, err error) {
 
 // startPortcullis writes the config and starts `portcullis serve`,
 // returning once its listener accepts.
-func startPortcullis(ctx context.Context, dir, bin, backendAddr string) (c *child, addr, metricsAddr string, err error) {
+func startPortcullis(ctx context.Context, dir, bin, backendAddr string, procs int) (c *child, addr, metricsAddr string, err error) {
 	ports, err := freePorts(2)
 	if err != nil {
 		return nil, "", "", err
@@ -463,8 +465,12 @@ listen = %q
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		return nil, "", "", err
 	}
-	c, err = startChild("portcullis", filepath.Join(dir, "portcullis.log"),
-		bin, "serve", "-config", path, "-log-level", "error")
+	argv := []string{bin, "serve", "-config", path, "-log-level", "error"}
+	if procs > 0 {
+		// env(1) execs in place, so the PID measured is portcullis's.
+		argv = append([]string{"env", "GOMAXPROCS=" + strconv.Itoa(procs)}, argv...)
+	}
+	c, err = startChild("portcullis", filepath.Join(dir, "portcullis.log"), argv...)
 	if err != nil {
 		return nil, "", "", err
 	}
