@@ -41,6 +41,7 @@ func main() {
 	conns := flag.Int("c", 32, "connections")
 	streams := flag.Int("m", 10, "concurrent streams per connection")
 	profile := flag.String("cpuprofile", "", "write a CPU profile of the proxy during the proxied run to this file")
+	procs := flag.Int("proxy-procs", 0, "run portcullis with GOMAXPROCS set to this (0: the runtime's default)")
 	flag.Parse()
 	if _, err := exec.LookPath("h2load"); err != nil {
 		log.Fatal("h2load not found: apt-get install nghttp2-client")
@@ -81,6 +82,9 @@ idle_timeout = "1m"
 	}
 	px := exec.Command(bin, "serve", "-config", cfg, "-log-level", "error", "-pprof")
 	px.Stderr = os.Stderr
+	if *procs > 0 {
+		px.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(*procs))
+	}
 	if err := px.Start(); err != nil {
 		log.Fatal(err)
 	}
