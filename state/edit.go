@@ -37,17 +37,6 @@ func (o *Overrides) RemoveRoute(listener, sni string) bool {
 	return false
 }
 
-// Route returns the override for (listener, sni), if any.
-func (o *Overrides) Route(listener, sni string) (RouteOverride, bool) {
-	sni = config.NormalizeSNI(sni)
-	for _, r := range o.Routes {
-		if r.Listener == listener && r.SNI == sni {
-			return r, true
-		}
-	}
-	return RouteOverride{}, false
-}
-
 // SetFirewall inserts or replaces the override for f.Value, which must
 // already be normalised (config.ParsePrefix(v).String()).
 func (o *Overrides) SetFirewall(f FirewallOverride) {
@@ -69,16 +58,6 @@ func (o *Overrides) RemoveFirewall(value string) bool {
 		}
 	}
 	return false
-}
-
-// FirewallEntry returns the override for a normalised value, if any.
-func (o *Overrides) FirewallEntry(value string) (FirewallOverride, bool) {
-	for _, f := range o.Firewall {
-		if f.Value == value {
-			return f, true
-		}
-	}
-	return FirewallOverride{}, false
 }
 
 // SetListener inserts or replaces the listener setting override.
