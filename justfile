@@ -11,7 +11,7 @@ test:
 
 # Hot-path micro-benchmarks (ClientHello parser, route lookup, firewall, PROXY parser).
 bench:
-    go test -run XXX -bench . -benchmem ./proxy/ ./firewall/ ./proxyproto/ ./reload/
+    go test -run XXX -bench . -benchmem ./clienthello/ ./proxy/ ./firewall/ ./proxyproto/ ./reload/
 
 # Whole-proxy load benchmark against a direct connection (loopback only, bounded in time).
 loadbench:
@@ -21,7 +21,7 @@ loadbench:
 fuzz seconds="30":
     go test -run XXX -fuzz FuzzReadV1 -fuzztime {{seconds}}s ./proxyproto/
     go test -run XXX -fuzz FuzzReadV2 -fuzztime {{seconds}}s ./proxyproto/
-    go test -run XXX -fuzz FuzzReadClientHello -fuzztime {{seconds}}s ./proxy/
+    go test -run XXX -fuzz FuzzReadClientHello -fuzztime {{seconds}}s ./clienthello/
 
 # Format and lint.
 fmt:

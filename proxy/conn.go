@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/portcullis/portcullis/clienthello"
 	"github.com/portcullis/portcullis/firewall"
 	"github.com/portcullis/portcullis/l7"
 	"github.com/portcullis/portcullis/proxyproto"
@@ -16,11 +17,13 @@ import (
 
 // helloBufs recycles ClientHello buffers between connections; most
 // hellos fit the initial size.
-var helloBufs = sync.Pool{New: func() any { b := make([]byte, 0, helloBufInitSize); return &b }}
+var helloBufs = sync.Pool{New: func() any { b := make([]byte, 0, clienthello.BufferSize); return &b }}
 
 // serveConn takes one accepted connection through the pre-routing stages
 // in order — PROXY header, firewall, ClientHello — each reading from the
 // bare socket, so nothing is ever buffered past what a stage needs.
+// Errors from the ClientHello stage are counted as bad_client_hello
+// unless the handshake deadline expired.
 //
 // An L4 connection's relay runs in two fresh goroutines and this one
 // returns: its stack grew through the dial and the ClientHello, and an
@@ -95,15 +98,15 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		}
 	}
 	defer release()
-	hello, err := readClientHello(c, *bufp)
-	if c := cap(hello.raw); c > cap(*bufp) && c <= 4*helloBufInitSize {
-		*bufp = hello.raw[:0] // keep a grown buffer, within reason
+	hello, err := clienthello.Read(c, *bufp)
+	if c := cap(hello.Raw); c > cap(*bufp) && c <= 4*clienthello.BufferSize {
+		*bufp = hello.Raw[:0] // keep a grown buffer, within reason
 	}
 	if err != nil {
 		s.reject(rl, lc, c, timeoutOr(err, reasonBadClientHello), client, err)
 		return
 	}
-	r := lc.routes.lookup(hello.sni)
+	r := lc.routes.lookup(hello.ServerName)
 	if r == nil {
 		s.reject(rl, lc, c, reasonNoRoute, client, nil)
 		return
@@ -114,8 +117,8 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	if r.l7 != nil {
 		// crypto/tls owns the connection from here; the hello bytes are
 		// replayed into it, so they must not go back to the pool.
-		raw := append([]byte(nil), hello.raw...)
-		sni := hello.sni
+		raw := append([]byte(nil), hello.Raw...)
+		sni := hello.ServerName
 		release()
 		r.l7.ServeConn(s.drainCtx, c, raw, l7.ConnInfo{
 			Client:         client,
@@ -141,17 +144,17 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	b := bconn.(*net.TCPConn)
 
 	// PROXY v2 header and the recorded ClientHello go out in one write.
-	out := hello.raw
+	out := hello.Raw
 	if r.sendProxy {
-		out = proxyproto.AppendV2(make([]byte, 0, 64+len(hello.sni)+len(hello.raw)), client, local, hello.sni)
-		out = append(out, hello.raw...)
+		out = proxyproto.AppendV2(make([]byte, 0, 64+len(hello.ServerName)+len(hello.Raw)), client, local, hello.ServerName)
+		out = append(out, hello.Raw...)
 	}
 	if _, err := b.Write(out); err != nil {
 		b.Close()
 		s.reject(rl, lc, c, reasonBackendUnreachable, client, err)
 		return
 	}
-	sni, helloLen := hello.sni, len(hello.raw)
+	sni, helloLen := hello.ServerName, len(hello.Raw)
 	release()
 
 	stopB := context.AfterFunc(s.hardCtx, func() { b.Close() })

@@ -57,32 +57,6 @@ listen = "127.0.0.1:0"
 	}
 }
 
-func TestRouteLookup(t *testing.T) {
-	tbl := newRouteTable()
-	for _, p := range []string{"app.example.com", "*.example.com", "*.b.example.com", "*"} {
-		tbl.add(&route{sni: p})
-	}
-	for _, tc := range []struct{ in, want string }{
-		{"app.example.com", "app.example.com"},
-		{"APP.Example.COM", "app.example.com"},
-		{"app.example.com.", "app.example.com"},
-		{"x.example.com", "*.example.com"},
-		{"a.b.example.com", "*.b.example.com"},
-		{"a.c.example.com", "*"},
-		{"example.com", "*"},
-		{"", "*"},
-	} {
-		if got := tbl.lookup(tc.in); got == nil || got.sni != tc.want {
-			t.Errorf("lookup(%q) = %v, want %q", tc.in, got, tc.want)
-		}
-	}
-	noDefault := newRouteTable()
-	noDefault.add(&route{sni: "a.test"})
-	if r := noDefault.lookup("b.test"); r != nil {
-		t.Errorf("lookup without default = %q, want nil", r.sni)
-	}
-}
-
 // matchBackend reads exactly len(want) bytes and answers "match" or
 // "mismatch", then echoes.
 func matchBackend(t *testing.T, want []byte) string {

@@ -1,4 +1,16 @@
-package proxy
+// Package clienthello reads a TLS ClientHello off a connection without
+// terminating TLS, to learn the server name it asks for:
+//
+//	h, err := clienthello.Read(conn, buf)
+//	route := table.lookup(h.ServerName)
+//	backend.Write(h.Raw) // replay exactly what was read
+//
+// It reads whole TLS records — the 5-byte header, then exactly the
+// record's length — and never a byte past the record that completes the
+// ClientHello, so the connection can afterwards be handed to the kernel
+// (splice) or to crypto/tls with nothing stranded in a buffer. It
+// imports nothing of ours, which also keeps its fuzz target fast.
+package clienthello
 
 import (
 	"encoding/binary"
@@ -9,57 +21,58 @@ import (
 
 // Limits on what a client may send before it is routed. A ClientHello
 // with a post-quantum key share is about 1.8 KiB today; 64 KiB is the
-// largest handshake message this proxy will buffer for one connection.
+// largest handshake message read for one connection.
 const (
-	recordHeaderLen  = 5
-	maxRecordLen     = 16384 + 2048 // TLSCiphertext upper bound (RFC 8446, section 5.2)
-	maxHelloMsgLen   = 64 << 10
-	helloBufInitSize = 2048
+	recordHeaderLen = 5
+	maxRecordLen    = 16384 + 2048 // TLSCiphertext upper bound (RFC 8446, section 5.2)
+	maxHelloMsgLen  = 64 << 10
+	// BufferSize is a good initial capacity for Read's buffer: most
+	// ClientHellos fit.
+	BufferSize = 2048
 )
 
-// errBadHello marks input that is not a TLS ClientHello; it is the
-// client's fault and counted as bad_client_hello.
-var errBadHello = errors.New("proxy: not a TLS ClientHello")
+// ErrNotClientHello marks input that is not a TLS ClientHello: the
+// client's fault, not the operator's.
+var ErrNotClientHello = errors.New("clienthello: not a TLS ClientHello")
 
-// clientHello is what routing needs from a ClientHello.
-type clientHello struct {
-	raw []byte // every byte read from the client, to replay
-	sni string // server_name, as sent ("" if absent)
+// Hello is what routing needs from a ClientHello.
+type Hello struct {
+	Raw        []byte // every byte read from the client, to replay
+	ServerName string // server_name as sent, "" if absent
 }
 
-// readClientHello reads whole TLS records from r — the 5-byte header,
-// then exactly the record's length — until one complete ClientHello
+// Read reads whole TLS records from r until one complete ClientHello
 // handshake message has arrived, even when it spans several records or
-// arrives a byte at a time. It never reads past the record that
-// completes the message, so the connection can afterwards be handed to
-// the kernel (splice) or to crypto/tls with nothing stranded in a buffer.
-func readClientHello(r io.Reader, buf []byte) (clientHello, error) {
+// arrives a byte at a time. Raw is built in buf (grown if needed), so a
+// caller can pool buffers. Errors that are not the reader's own (a
+// timeout, say) wrap ErrNotClientHello.
+func Read(r io.Reader, buf []byte) (Hello, error) {
 	raw := buf[:0]
 	var msg []byte // handshake bytes collected from the record payloads
 	for {
 		start := len(raw)
 		raw = grow(raw, recordHeaderLen)
 		if _, err := io.ReadFull(r, raw[start:start+recordHeaderLen]); err != nil {
-			return clientHello{raw: raw[:start]}, readErr(err, start)
+			return Hello{Raw: raw[:start]}, readErr(err, start)
 		}
 		hdr := raw[start : start+recordHeaderLen]
 		if hdr[0] != 0x16 {
-			return clientHello{}, fmt.Errorf("%w: record type %#x", errBadHello, hdr[0])
+			return Hello{}, fmt.Errorf("%w: record type %#x", ErrNotClientHello, hdr[0])
 		}
 		if hdr[1] != 3 {
-			return clientHello{}, fmt.Errorf("%w: record version %#x%02x", errBadHello, hdr[1], hdr[2])
+			return Hello{}, fmt.Errorf("%w: record version %#x%02x", ErrNotClientHello, hdr[1], hdr[2])
 		}
 		n := int(binary.BigEndian.Uint16(hdr[3:5]))
 		if n == 0 || n > maxRecordLen {
-			return clientHello{}, fmt.Errorf("%w: record length %d", errBadHello, n)
+			return Hello{}, fmt.Errorf("%w: record length %d", ErrNotClientHello, n)
 		}
 		if len(raw)+n > maxHelloMsgLen+8*recordHeaderLen {
-			return clientHello{}, fmt.Errorf("%w: larger than %d bytes", errBadHello, maxHelloMsgLen)
+			return Hello{}, fmt.Errorf("%w: larger than %d bytes", ErrNotClientHello, maxHelloMsgLen)
 		}
 		body := start + recordHeaderLen
 		raw = grow(raw, n)
 		if _, err := io.ReadFull(r, raw[body:body+n]); err != nil {
-			return clientHello{}, readErr(err, 1)
+			return Hello{}, readErr(err, 1)
 		}
 		if msg == nil {
 			// The common case, one record: alias it. The full slice
@@ -74,20 +87,20 @@ func readClientHello(r io.Reader, buf []byte) (clientHello, error) {
 			continue
 		}
 		if msg[0] != 1 { // HandshakeType client_hello
-			return clientHello{}, fmt.Errorf("%w: handshake type %d", errBadHello, msg[0])
+			return Hello{}, fmt.Errorf("%w: handshake type %d", ErrNotClientHello, msg[0])
 		}
 		want := 4 + (int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3]))
 		if want-4 > maxHelloMsgLen {
-			return clientHello{}, fmt.Errorf("%w: message length %d", errBadHello, want-4)
+			return Hello{}, fmt.Errorf("%w: message length %d", ErrNotClientHello, want-4)
 		}
 		if len(msg) < want {
 			continue
 		}
 		sni, err := parseServerName(msg[4:want])
 		if err != nil {
-			return clientHello{}, err
+			return Hello{}, err
 		}
-		return clientHello{raw: raw, sni: sni}, nil
+		return Hello{Raw: raw, ServerName: sni}, nil
 	}
 }
 
@@ -101,7 +114,7 @@ func grow(b []byte, n int) []byte {
 	return b[:len(b)+n]
 }
 
-// readErr turns a short read into errBadHello (the client hung up
+// readErr turns a short read into ErrNotClientHello (the client hung up
 // mid-record) unless it is a timeout, which the caller counts apart.
 func readErr(err error, have int) error {
 	var te interface{ Timeout() bool }
@@ -109,9 +122,9 @@ func readErr(err error, have int) error {
 		return err
 	}
 	if errors.Is(err, io.EOF) && have == 0 {
-		return fmt.Errorf("%w: connection closed before any data", errBadHello)
+		return fmt.Errorf("%w: connection closed before any data", ErrNotClientHello)
 	}
-	return fmt.Errorf("%w: %v", errBadHello, err)
+	return fmt.Errorf("%w: %v", ErrNotClientHello, err)
 }
 
 // parseServerName walks a ClientHello body (RFC 8446, section 4.1.2) to
@@ -124,37 +137,37 @@ func parseServerName(b []byte) (string, error) {
 		!s.skipVec(1) || // legacy_session_id
 		!s.skipVec(2) || // cipher_suites
 		!s.skipVec(1) { // legacy_compression_methods
-		return "", fmt.Errorf("%w: truncated", errBadHello)
+		return "", fmt.Errorf("%w: truncated", ErrNotClientHello)
 	}
 	if len(s) == 0 {
 		return "", nil // no extensions at all (SSLv3-style hello)
 	}
 	exts, ok := s.vec(2)
 	if !ok {
-		return "", fmt.Errorf("%w: bad extensions length", errBadHello)
+		return "", fmt.Errorf("%w: bad extensions length", ErrNotClientHello)
 	}
 	for len(exts) > 0 {
 		typ, ok1 := exts.u16()
 		data, ok2 := exts.vec(2)
 		if !ok1 || !ok2 {
-			return "", fmt.Errorf("%w: truncated extension", errBadHello)
+			return "", fmt.Errorf("%w: truncated extension", ErrNotClientHello)
 		}
 		if typ != 0 { // server_name
 			continue
 		}
 		list, ok := data.vec(2)
 		if !ok {
-			return "", fmt.Errorf("%w: bad server_name list", errBadHello)
+			return "", fmt.Errorf("%w: bad server_name list", ErrNotClientHello)
 		}
 		for len(list) > 0 {
 			nameType, ok1 := list.u8()
 			name, ok2 := list.vec(2)
 			if !ok1 || !ok2 {
-				return "", fmt.Errorf("%w: bad server_name entry", errBadHello)
+				return "", fmt.Errorf("%w: bad server_name entry", ErrNotClientHello)
 			}
 			if nameType == 0 { // host_name
 				if len(name) == 0 || len(name) > 255 {
-					return "", fmt.Errorf("%w: bad host_name length", errBadHello)
+					return "", fmt.Errorf("%w: bad host_name length", ErrNotClientHello)
 				}
 				return string(name), nil
 			}

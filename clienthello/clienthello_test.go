@@ -1,17 +1,17 @@
-package proxy
+package clienthello
 
 import (
 	"bytes"
 	"crypto/tls"
 	"errors"
-	"fmt"
+	"github.com/portcullis/portcullis/testnet"
 	"io"
 	"testing"
 )
 
 func TestReadClientHello(t *testing.T) {
-	hello := clientHelloBytes(t, &tls.Config{ServerName: "Mixed.Example.com"})
-	noSNI := clientHelloBytes(t, &tls.Config{InsecureSkipVerify: true})
+	hello := testnet.ClientHello(t, &tls.Config{ServerName: "Mixed.Example.com"})
+	noSNI := testnet.ClientHello(t, &tls.Config{InsecureSkipVerify: true})
 	for _, tc := range []struct {
 		name    string
 		in      []byte
@@ -30,21 +30,21 @@ func TestReadClientHello(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := bytes.NewReader(append(append([]byte{}, tc.in...), "TRAILER"...))
-			ch, err := readClientHello(r, nil)
+			ch, err := Read(r, nil)
 			if tc.wantErr {
 				if err == nil {
-					t.Fatalf("no error; sni %q", ch.sni)
+					t.Fatalf("no error; sni %q", ch.ServerName)
 				}
 				return
 			}
 			if err != nil {
 				t.Fatal(err)
 			}
-			if ch.sni != tc.wantSNI {
-				t.Errorf("sni %q, want %q", ch.sni, tc.wantSNI)
+			if ch.ServerName != tc.wantSNI {
+				t.Errorf("sni %q, want %q", ch.ServerName, tc.wantSNI)
 			}
-			if !bytes.Equal(ch.raw, tc.in) {
-				t.Errorf("raw differs from input (%d vs %d bytes)", len(ch.raw), len(tc.in))
+			if !bytes.Equal(ch.Raw, tc.in) {
+				t.Errorf("raw differs from input (%d vs %d bytes)", len(ch.Raw), len(tc.in))
 			}
 			// Nothing past the ClientHello may be consumed.
 			if rest, _ := io.ReadAll(r); string(rest) != "TRAILER" {
@@ -58,14 +58,14 @@ func TestReadClientHelloTooLarge(t *testing.T) {
 	// A handshake header announcing 16 MiB must be refused without
 	// reading, let alone buffering, that much.
 	in := []byte{0x16, 3, 1, 0, 4, 1, 0xff, 0xff, 0xff}
-	_, err := readClientHello(bytes.NewReader(in), nil)
-	if !errors.Is(err, errBadHello) {
+	_, err := Read(bytes.NewReader(in), nil)
+	if !errors.Is(err, ErrNotClientHello) {
 		t.Fatalf("err = %v", err)
 	}
 }
 
 func FuzzReadClientHello(f *testing.F) {
-	hello := clientHelloBytes(f, &tls.Config{ServerName: "fuzz.test"})
+	hello := testnet.ClientHello(f, &tls.Config{ServerName: "fuzz.test"})
 	f.Add(hello)
 	f.Add(splitRecord(hello, 10))
 	f.Add([]byte("GET / HTTP/1.1\r\n"))
@@ -73,55 +73,39 @@ func FuzzReadClientHello(f *testing.F) {
 	f.Add(hello[:9])
 	f.Fuzz(func(t *testing.T, in []byte) {
 		r := bytes.NewReader(in)
-		ch, err := readClientHello(r, nil)
+		ch, err := Read(r, nil)
 		if err != nil {
 			return
 		}
 		consumed := len(in) - r.Len()
-		if consumed != len(ch.raw) || !bytes.Equal(ch.raw, in[:consumed]) {
-			t.Fatalf("raw (%d bytes) is not what was read (%d bytes)", len(ch.raw), consumed)
+		if consumed != len(ch.Raw) || !bytes.Equal(ch.Raw, in[:consumed]) {
+			t.Fatalf("raw (%d bytes) is not what was read (%d bytes)", len(ch.Raw), consumed)
 		}
-		if len(ch.sni) > 255 {
-			t.Fatalf("sni of %d bytes", len(ch.sni))
+		if len(ch.ServerName) > 255 {
+			t.Fatalf("sni of %d bytes", len(ch.ServerName))
 		}
 	})
 }
 
 func BenchmarkReadClientHello(b *testing.B) {
-	hello := clientHelloBytes(b, &tls.Config{ServerName: "bench.example.com"})
-	buf := make([]byte, 0, helloBufInitSize)
+	hello := testnet.ClientHello(b, &tls.Config{ServerName: "bench.example.com"})
+	buf := make([]byte, 0, BufferSize)
 	r := bytes.NewReader(hello)
 	b.ReportAllocs()
 	b.SetBytes(int64(len(hello)))
 	for b.Loop() {
 		r.Reset(hello)
-		if _, err := readClientHello(r, buf); err != nil {
+		if _, err := Read(r, buf); err != nil {
 			b.Fatal(err)
 		}
 	}
 }
 
-func BenchmarkRouteLookup(b *testing.B) {
-	for _, n := range []int{10, 10000} {
-		tbl := newRouteTable()
-		for i := 0; i < n; i++ {
-			tbl.add(&route{sni: fmt.Sprintf("host%d.example.com", i)})
-			tbl.add(&route{sni: fmt.Sprintf("*.zone%d.example.net", i)})
-		}
-		tbl.add(&route{sni: "*"})
-		for _, tc := range []struct{ name, sni string }{
-			{"exact", fmt.Sprintf("host%d.example.com", n/2)},
-			{"wildcard", fmt.Sprintf("api.zone%d.example.net", n/3)},
-			{"default", "nothing.example.org"},
-		} {
-			b.Run(fmt.Sprintf("routes=%d/%s", 2*n, tc.name), func(b *testing.B) {
-				b.ReportAllocs()
-				for b.Loop() {
-					if tbl.lookup(tc.sni) == nil {
-						b.Fatal("no route")
-					}
-				}
-			})
-		}
+// splitRecord re-frames a single-record ClientHello as two records.
+func splitRecord(rec []byte, at int) []byte {
+	body := rec[5:]
+	mk := func(p []byte) []byte {
+		return append([]byte{0x16, rec[1], rec[2], byte(len(p) >> 8), byte(len(p))}, p...)
 	}
+	return append(mk(body[:at]), mk(body[at:])...)
 }
