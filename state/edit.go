@@ -1,6 +1,10 @@
 package state
 
-import "github.com/portcullis/portcullis/config"
+import (
+	"slices"
+
+	"github.com/portcullis/portcullis/config"
+)
 
 // The methods below edit an in-memory Overrides the same way the Put and
 // Clear methods edit the database, so the admin API can build the
@@ -15,69 +19,59 @@ func (o *Overrides) SetRoute(r RouteOverride) {
 	} else {
 		r.Route = config.Route{}
 	}
-	for i := range o.Routes {
-		if o.Routes[i].Listener == r.Listener && o.Routes[i].SNI == r.SNI {
-			o.Routes[i] = r
-			return
-		}
-	}
-	o.Routes = append(o.Routes, r)
+	o.Routes = upsert(o.Routes, r, func(x RouteOverride) bool { return x.Listener == r.Listener && x.SNI == r.SNI })
 }
 
 // RemoveRoute drops the route override for (listener, sni) and reports
 // whether there was one.
 func (o *Overrides) RemoveRoute(listener, sni string) bool {
 	sni = config.NormalizeSNI(sni)
-	for i, r := range o.Routes {
-		if r.Listener == listener && r.SNI == sni {
-			o.Routes = append(o.Routes[:i:i], o.Routes[i+1:]...)
-			return true
-		}
-	}
-	return false
+	var ok bool
+	o.Routes, ok = remove(o.Routes, func(x RouteOverride) bool { return x.Listener == listener && x.SNI == sni })
+	return ok
 }
 
 // SetFirewall inserts or replaces the override for f.Value, which must
 // already be normalised (config.ParsePrefix(v).String()).
 func (o *Overrides) SetFirewall(f FirewallOverride) {
-	for i := range o.Firewall {
-		if o.Firewall[i].Value == f.Value {
-			o.Firewall[i] = f
-			return
-		}
-	}
-	o.Firewall = append(o.Firewall, f)
+	o.Firewall = upsert(o.Firewall, f, func(x FirewallOverride) bool { return x.Value == f.Value })
 }
 
 // RemoveFirewall drops the override for a normalised value.
 func (o *Overrides) RemoveFirewall(value string) bool {
-	for i, f := range o.Firewall {
-		if f.Value == value {
-			o.Firewall = append(o.Firewall[:i:i], o.Firewall[i+1:]...)
-			return true
-		}
-	}
-	return false
+	var ok bool
+	o.Firewall, ok = remove(o.Firewall, func(x FirewallOverride) bool { return x.Value == value })
+	return ok
 }
 
 // SetListener inserts or replaces the listener setting override.
 func (o *Overrides) SetListener(l ListenerOverride) {
-	for i := range o.Listeners {
-		if o.Listeners[i].Listener == l.Listener {
-			o.Listeners[i] = l
-			return
-		}
-	}
-	o.Listeners = append(o.Listeners, l)
+	o.Listeners = upsert(o.Listeners, l, func(x ListenerOverride) bool { return x.Listener == l.Listener })
 }
 
 // RemoveListener drops the listener setting override.
 func (o *Overrides) RemoveListener(listener string) bool {
-	for i, l := range o.Listeners {
-		if l.Listener == listener {
-			o.Listeners = append(o.Listeners[:i:i], o.Listeners[i+1:]...)
-			return true
-		}
+	var ok bool
+	o.Listeners, ok = remove(o.Listeners, func(x ListenerOverride) bool { return x.Listener == listener })
+	return ok
+}
+
+// upsert replaces the element same matches, or appends v.
+func upsert[T any](s []T, v T, same func(T) bool) []T {
+	if i := slices.IndexFunc(s, same); i >= 0 {
+		s[i] = v
+		return s
 	}
-	return false
+	return append(s, v)
+}
+
+// remove drops the element match finds. It builds a new slice rather
+// than shifting in place: the slice may share its array with a Clone's
+// source.
+func remove[T any](s []T, match func(T) bool) ([]T, bool) {
+	i := slices.IndexFunc(s, match)
+	if i < 0 {
+		return s, false
+	}
+	return append(s[:i:i], s[i+1:]...), true
 }
