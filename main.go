@@ -48,7 +48,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
-  portcullis serve -config FILE [-log-format text|json] [-log-level info]
+  portcullis serve -config FILE [-log-format text|json] [-log-level info] [-pprof]
   portcullis check -config FILE
   portcullis ctl   -admin unix:PATH|HOST:PORT [-tls-ca F -tls-cert F -tls-key F] [-o table|json] COMMAND ...
   portcullis version
