@@ -140,19 +140,10 @@ type proxyDialer struct {
 }
 
 func (d *proxyDialer) dial(ctx context.Context) (net.Conn, error) {
-	c, err := d.h.dialBackend(ctx)
+	c, err := d.h.dialWithProxyHeader(ctx, d.ci)
 	if err != nil {
 		return nil, err
 	}
-	// The header must precede everything else on the connection, and be
-	// written at once (proxyproto.WriteV2 does a single Write).
-	c.SetWriteDeadline(time.Now().Add(d.h.dialTimeout))
-	if err := proxyproto.WriteV2(c, d.ci.Client, d.ci.Local, d.ci.SNI); err != nil {
-		c.Close()
-		return nil, &connectError{op: "proxy header", err: err}
-	}
-	c.SetWriteDeadline(time.Time{})
-
 	tc := &trackedConn{Conn: c, d: d}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -167,6 +158,24 @@ func (d *proxyDialer) dial(ctx context.Context) (net.Conn, error) {
 	}
 	d.conns[tc] = struct{}{}
 	return tc, nil
+}
+
+// dialWithProxyHeader dials the backend over TCP and writes a PROXY v2
+// header naming ci's client.
+func (h *Handler) dialWithProxyHeader(ctx context.Context, ci ConnInfo) (net.Conn, error) {
+	c, err := h.dialBackend(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// The header must precede everything else on the connection, and be
+	// written at once (proxyproto.WriteV2 does a single Write).
+	c.SetWriteDeadline(time.Now().Add(h.dialTimeout))
+	if err := proxyproto.WriteV2(c, ci.Client, ci.Local, ci.SNI); err != nil {
+		c.Close()
+		return nil, &connectError{op: "proxy header", err: err}
+	}
+	c.SetWriteDeadline(time.Time{})
+	return c, nil
 }
 
 // closeAll closes every connection still open and refuses new ones.

@@ -67,6 +67,12 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 	}
 	tc.SetDeadline(time.Time{})
 
+	if h.h2Backend && tc.ConnectionState().NegotiatedProtocol == "h2" {
+		if err := h.serveRelay(ctx, tc, ci); err != errNotRelayed {
+			return
+		}
+	}
+
 	c := h.newClientConn(ctx, ci)
 	defer c.finish()
 
