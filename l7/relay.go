@@ -14,7 +14,6 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
-
 )
 
 // The HTTP/2 relay carries an HTTP/2 client connection to an h2c or h2
