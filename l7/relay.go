@@ -249,6 +249,8 @@ func (r *relay) start() error {
 	if err != nil {
 		return err
 	}
+	// Always refuse pushes: the relay would have nothing to do with one.
+	settings = append(settings, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
 	b.bw.WriteString(http2.ClientPreface)
 	if err := b.fr.WriteSettings(settings...); err != nil {
 		return err
@@ -320,8 +322,9 @@ func (r *relay) toBackendSetting(s http2.Setting) (http2.Setting, bool) {
 		r.client.mu.Unlock()
 		return s, false
 	case http2.SettingEnablePush:
-		// The relay forwards no pushes, whatever the client allows.
-		return http2.Setting{ID: http2.SettingEnablePush, Val: 0}, true
+		// start sends 0 whatever the client allows: the relay forwards
+		// no pushes.
+		return s, false
 	case http2.SettingInitialWindowSize:
 		r.clientStreamWindow.Store(int64(s.Val))
 		return s, true
@@ -416,7 +419,10 @@ func (r *relay) fromClient() {
 			return
 		}
 		if c.br.Buffered() == 0 {
+			// Input drained: send what it produced, including frames
+			// for the client itself (RST_STREAM, WINDOW_UPDATE).
 			b.flush()
+			c.flush()
 		}
 	}
 }
@@ -468,6 +474,7 @@ func (r *relay) fromBackend() {
 		}
 		if b.br.Buffered() == 0 {
 			c.flush()
+			b.flush()
 		}
 	}
 }
@@ -955,7 +962,8 @@ func (r *relay) backendFailed(err error) {
 			r.removeLocked(st, st.code)
 		}
 	}
-	last := r.lastStream
+	// A GOAWAY may not raise the last stream of one sent before.
+	last := min(r.lastStream, r.refuseAbove)
 	r.mu.Unlock()
 
 	if len(waiting)+len(cut) > 0 {
@@ -995,12 +1003,13 @@ func (r *relay) responseTimedOut(st *relayStream) {
 		return
 	}
 	r.removeLocked(st, http.StatusGatewayTimeout)
+	reqDone := st.reqDone
 	r.mu.Unlock()
 	r.backendError(kindTimeout, errResponseTimeout)
 	b := r.backend
 	b.write(func() error { return b.fr.WriteRSTStream(st.id, http2.ErrCodeCancel) })
 	b.flush()
-	r.answer(st.id, http.StatusGatewayTimeout, st.reqDone)
+	r.answer(st.id, http.StatusGatewayTimeout, reqDone)
 	r.endIfDone()
 }
 
@@ -1046,7 +1055,6 @@ func (r *relay) answer(id uint32, code int, reqDone bool) {
 func (r *relay) removeLocked(st *relayStream, code int) {
 	delete(r.streams, st.id)
 	st.timeout.Stop()
-	st.resDone, st.reqDone = true, true
 	r.h.metrics.streamDone()
 	r.h.metrics.requestDone(code, time.Since(st.start))
 	if len(r.streams) == 0 && !r.ended {
