@@ -20,6 +20,18 @@
 //	// when the snapshot is retired:
 //	h.Close()
 //
+// # Two paths
+//
+// An HTTP/2 client on an h2c or h2 route is relayed frame by frame (see
+// relay.go) over a backend connection dialed for that client connection
+// alone: stream IDs, flow control, SETTINGS and PINGs pass through, and
+// only header blocks are rewritten. Everything else — HTTP/1.1 clients,
+// http1 and https1 backends, and a client that arrives while the backend
+// cannot be dialed — is served by net/http and httputil.ReverseProxy
+// with a backend transport shared by the route's connections (or, with
+// SendProxyProtocol, one per client connection). Both paths apply the
+// same forwarding headers, limits, timeouts and metrics.
+//
 // # Forwarding headers
 //
 // Every proxied request carries, towards the backend:
