@@ -106,14 +106,16 @@ type relay struct {
 	// refuseAbove: new client streams above it are refused. It drops
 	// from its maximum when a GOAWAY is sent or forwarded to the client.
 	refuseAbove uint32
-	// goingAway ends the connection once no stream is left.
-	goingAway  bool
-	maxStreams uint32 // SETTINGS_MAX_CONCURRENT_STREAMS as told to the client
-	ended      bool
-	windowCond sync.Cond   // signalled when clientWindow grows or the relay ends
-	idle       *time.Timer // ends the connection after idleTimeout without streams
-	callbacks  sync.WaitGroup
-	endOnce    sync.Once
+	// goingAway ends the connection once no stream is left and no
+	// stream's last frame is still on its way (finalPending).
+	goingAway    bool
+	finalPending int
+	maxStreams   uint32 // SETTINGS_MAX_CONCURRENT_STREAMS as told to the client
+	ended        bool
+	windowCond   sync.Cond   // signalled when clientWindow grows or the relay ends
+	idle         *time.Timer // ends the connection after idleTimeout without streams
+	callbacks    sync.WaitGroup
+	endOnce      sync.Once
 }
 
 // relayStream is one request in flight.
@@ -149,6 +151,9 @@ func newRelayPeer(c net.Conn, maxHeaderList uint32) *relayPeer {
 		maxFrame: defaultMaxFrameSize,
 	}
 	p.fr = http2.NewFramer(p.bw, p.br)
+	// The protocol's default until the peer's SETTINGS say more
+	// (NewFramer's own default is the 16 MiB maximum).
+	p.fr.SetMaxReadFrameSize(defaultMaxFrameSize)
 	p.fr.SetReuseFrames()
 	p.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	p.fr.MaxHeaderListSize = maxHeaderList
@@ -570,12 +575,14 @@ func (r *relay) clientHeaders(f *http2.MetaHeadersFrame) error {
 		}
 		st.reqDone = true
 		if st.resDone {
-			r.removeLocked(st, st.code)
+			r.finishLocked(st)
+		} else {
+			r.finalPending++
 		}
 		r.mu.Unlock()
-		r.endIfDone()
 		b := r.backend
 		b.write(func() error { return b.writeHeaders(id, f.Fields, true, http2.PriorityParam{}) })
+		r.finalSent()
 		return nil
 	}
 	if id <= r.lastStream {
@@ -634,10 +641,13 @@ func (r *relay) clientData(f *http2.DataFrame) error {
 	r.mu.Lock()
 	st := r.streams[id]
 	ok := st != nil && !st.reqDone
-	if ok && f.StreamEnded() {
+	end := ok && f.StreamEnded()
+	if end {
 		st.reqDone = true
 		if st.resDone {
-			r.removeLocked(st, st.code)
+			r.finishLocked(st)
+		} else {
+			r.finalPending++
 		}
 	}
 	idleStream := id > r.lastStream
@@ -652,8 +662,8 @@ func (r *relay) clientData(f *http2.DataFrame) error {
 		return nil
 	}
 	r.backend.forwardData(f)
-	if f.StreamEnded() {
-		r.endIfDone()
+	if end {
+		r.finalSent()
 	}
 	return nil
 }
@@ -759,7 +769,7 @@ func (r *relay) clientFailed(err error) {
 	var ce http2.ConnectionError
 	if errors.As(err, &ce) {
 		r.mu.Lock()
-		last := r.lastStream
+		last := min(r.lastStream, r.refuseAbove)
 		r.mu.Unlock()
 		c := r.client
 		c.write(func() error { return c.fr.WriteGoAway(last, http2.ErrCode(ce), nil) })
@@ -808,17 +818,20 @@ func (r *relay) backendHeaders(f *http2.MetaHeadersFrame) {
 		r.endIfDone()
 		return
 	}
-	if f.StreamEnded() {
+	end := f.StreamEnded()
+	if end {
 		st.resDone = true
 		if st.reqDone {
-			r.removeLocked(st, st.code)
+			r.finishLocked(st)
+		} else {
+			r.finalPending++
 		}
 	}
 	r.mu.Unlock()
 	c := r.client
-	c.write(func() error { return c.writeHeaders(id, f.Fields, f.StreamEnded(), http2.PriorityParam{}) })
-	if f.StreamEnded() {
-		r.endIfDone()
+	c.write(func() error { return c.writeHeaders(id, f.Fields, end, http2.PriorityParam{}) })
+	if end {
+		r.finalSent()
 	}
 }
 
@@ -827,10 +840,13 @@ func (r *relay) backendData(f *http2.DataFrame) {
 	r.mu.Lock()
 	st := r.streams[id]
 	ok := st != nil && st.code != 0 && !st.resDone
-	if ok && f.StreamEnded() {
+	end := ok && f.StreamEnded()
+	if end {
 		st.resDone = true
 		if st.reqDone {
-			r.removeLocked(st, st.code)
+			r.finishLocked(st)
+		} else {
+			r.finalPending++
 		}
 	}
 	r.mu.Unlock()
@@ -838,12 +854,11 @@ func (r *relay) backendData(f *http2.DataFrame) {
 		r.backend.credit(f.Length)
 		return
 	}
-	if f.Length > 0 && !r.spendClientWindow(int64(f.Length)) {
-		return
+	if f.Length == 0 || r.spendClientWindow(int64(f.Length)) {
+		r.client.forwardData(f)
 	}
-	r.client.forwardData(f)
-	if f.StreamEnded() {
-		r.endIfDone()
+	if end {
+		r.finalSent()
 	}
 }
 
@@ -854,6 +869,9 @@ func (r *relay) spendClientWindow(n int64) bool {
 	if r.clientWindow.Add(-n) >= 0 {
 		return true
 	}
+	// What is already buffered fits the window and is what the client
+	// needs to see before it grants more.
+	r.client.flush()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for r.clientWindow.Load() < 0 && !r.ended {
@@ -867,7 +885,12 @@ func (r *relay) backendReset(f *http2.RSTStreamFrame) {
 	st := r.streams[f.StreamID]
 	if st != nil {
 		code := st.code
-		if code == 0 {
+		switch {
+		case code != 0:
+		case f.ErrCode == http2.ErrCodeRefusedStream:
+			// Not processed: the client may retry it, so it is not
+			// counted as a request (as after a GOAWAY).
+		default:
 			code = http.StatusBadGateway
 		}
 		r.removeLocked(st, code)
@@ -927,18 +950,17 @@ func (r *relay) backendGoAway(f *http2.GoAwayFrame) {
 	r.mu.Lock()
 	r.goingAway = true
 	r.refuseAbove = min(r.refuseAbove, f.LastStreamID)
+	last := r.refuseAbove
 	for id, st := range r.streams {
 		if id > f.LastStreamID {
 			// Never processed: the client retries it elsewhere, so it
 			// is not counted as a request.
-			delete(r.streams, id)
-			st.timeout.Stop()
-			r.h.metrics.streamDone()
+			r.removeLocked(st, 0)
 		}
 	}
 	r.mu.Unlock()
 	c := r.client
-	c.write(func() error { return c.fr.WriteGoAway(f.LastStreamID, f.ErrCode, nil) })
+	c.write(func() error { return c.fr.WriteGoAway(last, f.ErrCode, nil) })
 	c.flush()
 	r.endIfDone()
 }
@@ -966,8 +988,11 @@ func (r *relay) backendFailed(err error) {
 	last := min(r.lastStream, r.refuseAbove)
 	r.mu.Unlock()
 
+	for range waiting {
+		r.h.metrics.backendError(kindOther)
+	}
 	if len(waiting)+len(cut) > 0 {
-		r.backendError(kindOther, err)
+		r.logBackendError(kindOther, err)
 	}
 	c := r.client
 	for _, st := range waiting {
@@ -985,6 +1010,10 @@ func (r *relay) backendFailed(err error) {
 // failed.
 func (r *relay) backendError(kind string, err error) {
 	r.h.metrics.backendError(kind)
+	r.logBackendError(kind, err)
+}
+
+func (r *relay) logBackendError(kind string, err error) {
 	if ok, suppressed := r.h.logLimit.allow(time.Now()); ok {
 		r.h.log.Warn("backend error", "backend", r.h.backend, "kind", kind, "err", err, "suppressed", suppressed)
 	}
@@ -1050,23 +1079,43 @@ func (r *relay) answer(id uint32, code int, reqDone bool) {
 	})
 }
 
-// removeLocked forgets a finished stream and records it. Called with r.mu
-// held.
+// removeLocked forgets a finished stream and records it with status
+// code; code 0 records no request (one the backend never processed).
+// Called with r.mu held.
 func (r *relay) removeLocked(st *relayStream, code int) {
 	delete(r.streams, st.id)
 	st.timeout.Stop()
 	r.h.metrics.streamDone()
-	r.h.metrics.requestDone(code, time.Since(st.start))
+	if code != 0 {
+		r.h.metrics.requestDone(code, time.Since(st.start))
+	}
 	if len(r.streams) == 0 && !r.ended {
 		r.idle.Reset(r.h.idleTimeout)
 	}
+}
+
+// finalSent is called after the last frame of a stream removed by
+// finishLocked has been written.
+func (r *relay) finalSent() {
+	r.mu.Lock()
+	r.finalPending--
+	r.mu.Unlock()
+	r.endIfDone()
+}
+
+// finishLocked removes a stream whose last frame the caller is about to
+// forward; the connection does not end before finalSent. Called with r.mu
+// held.
+func (r *relay) finishLocked(st *relayStream) {
+	r.removeLocked(st, st.code)
+	r.finalPending++
 }
 
 // endIfDone ends a connection that is going away once its last stream is
 // done.
 func (r *relay) endIfDone() {
 	r.mu.Lock()
-	done := r.goingAway && len(r.streams) == 0 && !r.ended
+	done := r.goingAway && len(r.streams) == 0 && r.finalPending == 0 && !r.ended
 	r.mu.Unlock()
 	if done {
 		r.client.flush()
