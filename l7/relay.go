@@ -84,6 +84,7 @@ type relay struct {
 
 	client, backend *relayPeer
 	clientIP        string
+	reqFields       []hpack.HeaderField // requestFields' buffer, reused
 
 	// clientWindow is the client's connection-level receive window as
 	// the relay knows it: DATA forwarded and bodies written by the relay
@@ -135,6 +136,7 @@ type relayPeer struct {
 	conn net.Conn
 	br   *bufio.Reader
 	fr   *http2.Framer
+	hdec *headerDecoder
 
 	mu       sync.Mutex
 	bw       *bufio.Writer
@@ -155,8 +157,7 @@ func newRelayPeer(c net.Conn, maxHeaderList uint32) *relayPeer {
 	// (NewFramer's own default is the 16 MiB maximum).
 	p.fr.SetMaxReadFrameSize(defaultMaxFrameSize)
 	p.fr.SetReuseFrames()
-	p.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	p.fr.MaxHeaderListSize = maxHeaderList
+	p.hdec = newHeaderDecoder(maxHeaderList)
 	p.enc = hpack.NewEncoder(&p.encBuf)
 	return p
 }
@@ -400,8 +401,14 @@ func (r *relay) fromClient() {
 		switch f := f.(type) {
 		case *http2.DataFrame:
 			err = r.clientData(f)
-		case *http2.MetaHeadersFrame:
-			err = r.clientHeaders(f)
+		case *http2.HeadersFrame:
+			var blk *headerBlock
+			if blk, err = c.hdec.read(c.fr, f); err == nil {
+				err = r.clientHeaders(blk)
+			} else if se := (http2.StreamError{}); errors.As(err, &se) {
+				r.clientStreamError(se)
+				err = nil
+			}
 		case *http2.RSTStreamFrame:
 			r.clientReset(f)
 		case *http2.WindowUpdateFrame:
@@ -450,8 +457,14 @@ func (r *relay) fromBackend() {
 		switch f := f.(type) {
 		case *http2.DataFrame:
 			r.backendData(f)
-		case *http2.MetaHeadersFrame:
-			r.backendHeaders(f)
+		case *http2.HeadersFrame:
+			var blk *headerBlock
+			if blk, err = b.hdec.read(b.fr, f); err == nil {
+				r.backendHeaders(blk)
+			} else if se := (http2.StreamError{}); errors.As(err, &se) {
+				r.backendStreamError(se)
+				err = nil
+			}
 		case *http2.RSTStreamFrame:
 			r.backendReset(f)
 		case *http2.WindowUpdateFrame:
@@ -560,8 +573,8 @@ func (r *relay) known(id uint32) bool {
 }
 
 // clientHeaders handles a request's headers (a new stream) or trailers.
-func (r *relay) clientHeaders(f *http2.MetaHeadersFrame) error {
-	id := f.StreamID
+func (r *relay) clientHeaders(f *headerBlock) error {
+	id := f.streamID
 	if id%2 == 0 {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
@@ -569,9 +582,14 @@ func (r *relay) clientHeaders(f *http2.MetaHeadersFrame) error {
 	r.mu.Lock()
 	if st := r.streams[id]; st != nil {
 		// Trailers: the request must end with them.
-		if st.reqDone || !f.StreamEnded() {
+		if st.reqDone || !f.endStream {
 			r.mu.Unlock()
 			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if f.pseudo != 0 || f.truncated {
+			r.mu.Unlock()
+			r.clientStreamError(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
+			return nil
 		}
 		st.reqDone = true
 		if st.resDone {
@@ -581,7 +599,7 @@ func (r *relay) clientHeaders(f *http2.MetaHeadersFrame) error {
 		}
 		r.mu.Unlock()
 		b := r.backend
-		b.write(func() error { return b.writeHeaders(id, f.Fields, true, http2.PriorityParam{}) })
+		b.write(func() error { return b.writeHeaders(id, f.fields, true, http2.PriorityParam{}) })
 		r.finalSent()
 		return nil
 	}
@@ -607,13 +625,13 @@ func (r *relay) clientHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	case code != 0:
 		r.h.metrics.streamStarted()
-		r.answer(id, code, f.StreamEnded())
+		r.answer(id, code, f.endStream)
 		r.h.metrics.streamDone()
 		r.h.metrics.requestDone(code, time.Since(now))
 		return nil
 	}
 
-	st := &relayStream{id: id, start: now, reqDone: f.StreamEnded()}
+	st := &relayStream{id: id, start: now, reqDone: f.endStream}
 	r.mu.Lock()
 	if r.ended {
 		r.mu.Unlock()
@@ -627,12 +645,8 @@ func (r *relay) clientHeaders(f *http2.MetaHeadersFrame) error {
 	r.mu.Unlock()
 	r.h.metrics.streamStarted()
 
-	var prio http2.PriorityParam
-	if f.HasPriority() {
-		prio = f.Priority
-	}
 	b := r.backend
-	b.write(func() error { return b.writeHeaders(id, fields, f.StreamEnded(), prio) })
+	b.write(func() error { return b.writeHeaders(id, fields, f.endStream, f.priority) })
 	return nil
 }
 
@@ -780,8 +794,8 @@ func (r *relay) clientFailed(err error) {
 }
 
 // backendHeaders forwards response headers (1xx, final) or trailers.
-func (r *relay) backendHeaders(f *http2.MetaHeadersFrame) {
-	id := f.StreamID
+func (r *relay) backendHeaders(f *headerBlock) {
+	id := f.streamID
 	r.mu.Lock()
 	st := r.streams[id]
 	if st == nil || st.resDone {
@@ -790,18 +804,18 @@ func (r *relay) backendHeaders(f *http2.MetaHeadersFrame) {
 		r.mu.Unlock()
 		return
 	}
-	bad := f.Truncated
+	bad := f.truncated
 	if st.code == 0 {
-		code := parseStatus(f.PseudoValue("status"))
+		code := parseStatus(f.pseudoValue("status"))
 		switch {
-		case code == 0 || (code < 200 && f.StreamEnded()):
+		case code == 0 || f.pseudo != pseudoStatus || (code < 200 && f.endStream):
 			bad = true
 		case code >= 200:
 			st.code = code
 			st.timeout.Stop()
 		}
-	} else if !f.StreamEnded() {
-		bad = true // trailers must end the stream
+	} else if !f.endStream || f.pseudo != 0 {
+		bad = true // trailers end the stream and have no pseudo-headers
 	}
 	if bad {
 		r.removeLocked(st, http.StatusBadGateway)
@@ -818,7 +832,7 @@ func (r *relay) backendHeaders(f *http2.MetaHeadersFrame) {
 		r.endIfDone()
 		return
 	}
-	end := f.StreamEnded()
+	end := f.endStream
 	if end {
 		st.resDone = true
 		if st.reqDone {
@@ -829,7 +843,7 @@ func (r *relay) backendHeaders(f *http2.MetaHeadersFrame) {
 	}
 	r.mu.Unlock()
 	c := r.client
-	c.write(func() error { return c.writeHeaders(id, f.Fields, end, http2.PriorityParam{}) })
+	c.write(func() error { return c.writeHeaders(id, f.fields, end, http2.PriorityParam{}) })
 	if end {
 		r.finalSent()
 	}

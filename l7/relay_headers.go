@@ -1,10 +1,12 @@
 package l7
 
 import (
+	"errors"
 	"net/http"
 	"strconv"
 	"strings"
 
+	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -14,12 +16,12 @@ import (
 // as the package comment describes, hop-by-hop headers removed. A request
 // the relay answers itself gets a status instead; a malformed one gets a
 // stream error code.
-func (r *relay) requestFields(f *http2.MetaHeadersFrame) (out []hpack.HeaderField, status int, errCode http2.ErrCode) {
-	method, path, scheme := f.PseudoValue("method"), f.PseudoValue("path"), f.PseudoValue("scheme")
+func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status int, errCode http2.ErrCode) {
+	method, path, scheme := f.pseudoValue("method"), f.pseudoValue("path"), f.pseudoValue("scheme")
 	switch {
-	case f.Truncated:
+	case f.truncated:
 		return nil, http.StatusRequestHeaderFieldsTooLarge, http2.ErrCodeNo
-	case method == "":
+	case method == "" || f.pseudo&pseudoStatus != 0:
 		return nil, 0, http2.ErrCodeProtocol
 	case method == http.MethodConnect:
 		return nil, http.StatusMethodNotAllowed, http2.ErrCodeNo
@@ -28,11 +30,12 @@ func (r *relay) requestFields(f *http2.MetaHeadersFrame) (out []hpack.HeaderFiel
 	}
 
 	trusted := r.ci.TrustForwarded
-	host := f.PseudoValue("authority")
+	host := f.pseudoValue("authority")
 	var xff []string
 	hasRealIP := false
-	out = make([]hpack.HeaderField, 0, len(f.Fields)+4)
-	for _, hf := range f.Fields {
+	out = r.reqFields[:0]
+	defer func() { r.reqFields = out[:0] }() // reused: encoded before the next block
+	for _, hf := range f.fields {
 		switch hf.Name {
 		case ":scheme":
 			hf.Value = r.h.scheme
@@ -110,4 +113,174 @@ func init() {
 	} {
 		statusBodies[code] = strings.ToLower(http.StatusText(code)) + "\n"
 	}
+}
+
+// headerBlock is one decoded header block (a HEADERS frame and its
+// CONTINUATIONs). Its fields are the peer's reused buffer: valid until the
+// peer's next block is read.
+type headerBlock struct {
+	streamID  uint32
+	endStream bool
+	priority  http2.PriorityParam // zero when the HEADERS frame had none
+	fields    []hpack.HeaderField
+	pseudo    uint8 // pseudo-header fields present, by pseudoBit
+	truncated bool  // over the size limit: fields is incomplete
+}
+
+func (b *headerBlock) pseudoValue(name string) string {
+	for _, f := range b.fields {
+		if !f.IsPseudo() {
+			break
+		}
+		if f.Name[1:] == name {
+			return f.Value
+		}
+	}
+	return ""
+}
+
+// headerDecoder decodes a peer's header blocks into one reused slice,
+// checking what RFC 9113 section 8.2 asks of every field. It replaces the
+// framer's own ReadMetaHeaders, which allocates a frame and a fresh slice
+// per block.
+type headerDecoder struct {
+	dec     *hpack.Decoder
+	maxList uint32 // SETTINGS_MAX_HEADER_LIST_SIZE we hold the peer to
+
+	block   headerBlock
+	size    uint32 // of the fields so far, as RFC 9113 counts it
+	regular bool   // a regular field was seen
+	invalid error
+}
+
+func newHeaderDecoder(maxList uint32) *headerDecoder {
+	d := &headerDecoder{maxList: maxList}
+	d.dec = hpack.NewDecoder(4096, d.emit)
+	d.dec.SetMaxStringLength(int(maxList))
+	return d
+}
+
+var (
+	errPseudoAfterRegular = errors.New("pseudo-header field after a regular one")
+	errBadPseudo          = errors.New("unknown or repeated pseudo-header field")
+	errBadFieldName       = errors.New("invalid header field name")
+	errBadFieldValue      = errors.New("invalid header field value")
+)
+
+// Pseudo-header fields HTTP/2 defines, as bits.
+const (
+	pseudoMethod uint8 = 1 << iota
+	pseudoScheme
+	pseudoAuthority
+	pseudoPath
+	pseudoProtocol
+	pseudoStatus
+)
+
+func pseudoBit(name string) uint8 {
+	switch name {
+	case ":method":
+		return pseudoMethod
+	case ":scheme":
+		return pseudoScheme
+	case ":authority":
+		return pseudoAuthority
+	case ":path":
+		return pseudoPath
+	case ":protocol":
+		return pseudoProtocol
+	case ":status":
+		return pseudoStatus
+	}
+	return 0
+}
+
+func (d *headerDecoder) emit(f hpack.HeaderField) {
+	if d.invalid != nil || d.block.truncated {
+		return // keep decoding for the HPACK table's sake only
+	}
+	if d.size += f.Size(); d.size > d.maxList {
+		d.block.truncated = true
+		return
+	}
+	switch {
+	case !httpguts.ValidHeaderFieldValue(f.Value):
+		d.invalid = errBadFieldValue
+	case f.IsPseudo():
+		bit := pseudoBit(f.Name)
+		switch {
+		case d.regular:
+			d.invalid = errPseudoAfterRegular
+		case bit == 0 || d.block.pseudo&bit != 0:
+			d.invalid = errBadPseudo
+		}
+		d.block.pseudo |= bit
+	default:
+		d.regular = true
+		if !validFieldName(f.Name) {
+			d.invalid = errBadFieldName
+		}
+	}
+	d.block.fields = append(d.block.fields, f)
+}
+
+// validFieldName reports whether name is a token in lower case, as
+// HTTP/2 requires of field names.
+func validFieldName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if 'A' <= c && c <= 'Z' || !httpguts.IsTokenRune(rune(c)) {
+			return false
+		}
+	}
+	return true
+}
+
+// read decodes the block that hf starts, reading its CONTINUATION frames
+// from fr (whose frame-order check guarantees they follow, on the same
+// stream). A malformed field is a stream error once the whole block is
+// decoded, so HPACK stays in step; undecodable HPACK is a connection
+// error.
+func (d *headerDecoder) read(fr *http2.Framer, hf *http2.HeadersFrame) (*headerBlock, error) {
+	d.block = headerBlock{
+		streamID:  hf.StreamID,
+		endStream: hf.StreamEnded(),
+		fields:    d.block.fields[:0],
+	}
+	if hf.HasPriority() {
+		d.block.priority = hf.Priority
+	}
+	d.size, d.regular, d.invalid = 0, false, nil
+
+	// A block may be at most this long on the wire: a sender far past
+	// the field limit is flooding, not sending headers.
+	budget := 2*int64(d.maxList) + 64<<10
+	frag, ended := hf.HeaderBlockFragment(), hf.HeadersEnded()
+	for {
+		if budget -= int64(len(frag)); budget < 0 {
+			return nil, http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if _, err := d.dec.Write(frag); err != nil {
+			return nil, http2.ConnectionError(http2.ErrCodeCompression)
+		}
+		if ended {
+			break
+		}
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return nil, err
+		}
+		cf := f.(*http2.ContinuationFrame) // guaranteed by the framer
+		frag, ended = cf.HeaderBlockFragment(), cf.HeadersEnded()
+	}
+	if err := d.dec.Close(); err != nil {
+		return nil, http2.ConnectionError(http2.ErrCodeCompression)
+	}
+	if d.invalid != nil {
+		return &d.block, http2.StreamError{StreamID: d.block.streamID, Code: http2.ErrCodeProtocol, Cause: d.invalid}
+	}
+	return &d.block, nil
 }

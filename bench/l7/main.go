@@ -4,7 +4,7 @@
 // portcullis L7 route (TLS terminated by portcullis, h2c to the same
 // backend), and reports requests/s and the ratio to direct.
 //
-//	go run ./bench/l7 -duration 10s
+//	go run ./bench/l7 -duration 5s -rounds 4
 //
 // Loopback only; it starts the backend in process and portcullis as a
 // child process, and stops both when done.
@@ -37,10 +37,12 @@ import (
 )
 
 func main() {
-	duration := flag.Duration("duration", 10*time.Second, "measured time per run")
+	duration := flag.Duration("duration", 5*time.Second, "measured time per round and target")
+	rounds := flag.Int("rounds", 4, "rounds per target, alternating direct and proxied")
 	conns := flag.Int("c", 32, "connections")
 	streams := flag.Int("m", 10, "concurrent streams per connection")
 	profile := flag.String("cpuprofile", "", "write a CPU profile of the proxy during the proxied run to this file")
+	allocProfile := flag.String("allocprofile", "", "write a profile of the proxy's allocations during the proxied run to this file")
 	procs := flag.Int("proxy-procs", 0, "run portcullis with GOMAXPROCS set to this (0: the runtime's default)")
 	flag.Parse()
 	if _, err := exec.LookPath("h2load"); err != nil {
@@ -91,17 +93,51 @@ idle_timeout = "1m"
 	defer func() { px.Process.Kill(); px.Wait() }()
 	waitPort(port)
 
-	fmt.Printf("L7 load: h2load -c %d -m %d for %s each; client, proxy and backend share this machine's %d CPUs\n\n", *conns, *streams, *duration, runtime.NumCPU())
+	fmt.Printf("L7 load: h2load -c %d -m %d, %d rounds of %s per target, alternating; client, proxy and backend share this machine's %d CPUs\n\n",
+		*conns, *streams, *rounds, *duration, runtime.NumCPU())
 	secs := strconv.Itoa(int(duration.Seconds()))
 	common := []string{"-c", strconv.Itoa(*conns), "-m", strconv.Itoa(*streams), "-t", "1", "-D", secs, "--warm-up-time=1"}
-	direct := h2load(append(common, "http://"+backend+"/")...)
-	if *profile != "" {
-		go fetchProfile(metricsPort, *duration/2, *profile)
+	// Alternating short rounds spread the machine's own noise (the load
+	// average, a GC in the backend) over both targets instead of letting
+	// it land on one.
+	var direct, proxied []float64
+	for i := range *rounds {
+		direct = append(direct, h2load(append(common, "http://"+backend+"/")...))
+		if i == 0 && *profile != "" {
+			go fetchProfile(metricsPort, "profile", *duration/2, *profile)
+		}
+		if i == 0 && *allocProfile != "" {
+			go fetchProfile(metricsPort, "allocs", *duration/2, *allocProfile)
+		}
+		proxied = append(proxied, h2load(append(common, fmt.Sprintf("--connect-to=127.0.0.1:%d", port), fmt.Sprintf("https://web.test:%d/", port))...))
 	}
-	proxied := h2load(append(common, fmt.Sprintf("--connect-to=127.0.0.1:%d", port), fmt.Sprintf("https://web.test:%d/", port))...)
-	fmt.Printf("%-28s %12s\n", "", "requests/s")
-	fmt.Printf("%-28s %12.0f\n", "direct (h2c backend)", direct)
-	fmt.Printf("%-28s %12.0f   %.2fx direct\n", "portcullis L7 (h2 → h2c)", proxied, proxied/direct)
+	fmt.Printf("%-28s %12s   %s\n", "", "requests/s", "rounds")
+	fmt.Printf("%-28s %12.0f   %s\n", "direct (h2c backend)", mean(direct), list(direct, "%.0f"))
+	ratios := make([]float64, len(direct))
+	for i := range direct {
+		ratios[i] = proxied[i] / direct[i]
+	}
+	fmt.Printf("%-28s %12.0f   %s\n", "portcullis L7 (h2 → h2c)", mean(proxied), list(proxied, "%.0f"))
+	fmt.Printf("%-28s %11.2fx   %s\n", "ratio to direct", mean(proxied)/mean(direct), list(ratios, "%.2fx"))
+}
+
+func mean(v []float64) float64 {
+	sum := 0.0
+	for _, x := range v {
+		sum += x
+	}
+	return sum / float64(len(v))
+}
+
+func list(v []float64, format string) string {
+	s := ""
+	for i, x := range v {
+		if i > 0 {
+			s += " "
+		}
+		s += fmt.Sprintf(format, x)
+	}
+	return s
 }
 
 var finished = regexp.MustCompile(`finished in [^,]+, ([0-9.]+) req/s`)
@@ -165,10 +201,11 @@ func waitPort(port int) {
 	log.Fatal("portcullis did not start")
 }
 
-// fetchProfile saves a CPU profile of the proxy taken while h2load runs.
-func fetchProfile(port int, d time.Duration, path string) {
+// fetchProfile saves a profile (kind: "profile" for CPU, "allocs") of the
+// proxy taken while h2load runs.
+func fetchProfile(port int, kind string, d time.Duration, path string) {
 	time.Sleep(2 * time.Second) // past the warm-up
-	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/profile?seconds=%d", port, int(d.Seconds())))
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/debug/pprof/%s?seconds=%d", port, kind, int(d.Seconds())))
 	if err != nil {
 		log.Printf("profile: %v", err)
 		return
