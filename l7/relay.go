@@ -61,9 +61,12 @@ import (
 //     WINDOW_UPDATEs for itself.
 
 const (
-	// relayBufferSize sizes the buffered reader and writer on each side:
-	// a whole default-size frame plus its header.
-	relayBufferSize = 16<<10 + 9
+	// relayBufferSize sizes the buffered reader and writer on each side.
+	// It holds a burst of small frames (headers, window updates); a DATA
+	// frame larger than it is read and written around it, straight from
+	// and to the framer's own buffer, so bulk does not need more. Every
+	// relayed connection holds four, idle or not.
+	relayBufferSize = 4 << 10
 	// maxResponseHeaderBytes caps a backend's response header list, like
 	// the HTTP/1.1 transport's MaxResponseHeaderBytes.
 	maxResponseHeaderBytes = 1 << 20
