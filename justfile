@@ -17,6 +17,10 @@ bench:
 loadbench:
     go run ./bench -duration 5s
 
+# L7 load benchmark: h2load through an L7 route vs the h2c backend directly (needs nghttp2-client).
+loadbench-l7:
+    go run ./bench/l7 -duration 5s -rounds 4
+
 # Run every fuzz target for a bounded time.
 fuzz seconds="30":
     go test -run XXX -fuzz FuzzReadV1 -fuzztime {{seconds}}s ./proxyproto/
