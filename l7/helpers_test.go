@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/portcullis/portcullis/testpki"
 	"io"
 	"log"
 	"net"
@@ -22,6 +21,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/portcullis/portcullis/proxyproto"
+	"github.com/portcullis/portcullis/testpki"
 )
 
 // checkLeaks fails the test if goroutines started during it are still
@@ -239,6 +239,16 @@ type testBackend struct {
 	open atomic.Int32
 }
 
+// countConns keeps open up to date; it is the backend server's ConnState.
+func (be *testBackend) countConns(_ net.Conn, s http.ConnState) {
+	switch s {
+	case http.StateNew:
+		be.open.Add(1)
+	case http.StateClosed, http.StateHijacked:
+		be.open.Add(-1)
+	}
+}
+
 // startBackend serves handler on a loopback port. With readProxy, every
 // accepted connection must start with a PROXY header, whose source address
 // handlers find with proxySrc.
@@ -266,14 +276,7 @@ func startBackend(t *testing.T, pki *testPKI, kind string, readProxy bool, handl
 		ErrorLog: nopLogger(),
 	}
 	be := &testBackend{addr: ln.Addr().String()}
-	srv.ConnState = func(_ net.Conn, s http.ConnState) {
-		switch s {
-		case http.StateNew:
-			be.open.Add(1)
-		case http.StateClosed, http.StateHijacked:
-			be.open.Add(-1)
-		}
-	}
+	srv.ConnState = be.countConns
 	srv.Protocols.SetHTTP1(true)
 	var wg sync.WaitGroup
 	switch kind {

@@ -634,14 +634,7 @@ func startH2CBackend(t *testing.T, cfg *http.HTTP2Config, handler http.Handler) 
 		Protocols: new(http.Protocols),
 		HTTP2:     cfg,
 		ErrorLog:  nopLogger(),
-		ConnState: func(_ net.Conn, s http.ConnState) {
-			switch s {
-			case http.StateNew:
-				be.open.Add(1)
-			case http.StateClosed, http.StateHijacked:
-				be.open.Add(-1)
-			}
-		},
+		ConnState: be.countConns,
 	}
 	srv.Protocols.SetHTTP1(true)
 	srv.Protocols.SetUnencryptedHTTP2(true)
@@ -652,6 +645,24 @@ func startH2CBackend(t *testing.T, cfg *http.HTTP2Config, handler http.Handler) 
 		wg.Wait()
 	})
 	return be
+}
+
+// holdOn is a handler that answers "ok", except on path: there it
+// signals started, then answers reply once release is closed, or nothing
+// if the request ends first.
+func holdOn(path, reply string, started chan<- struct{}, release <-chan struct{}) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != path {
+			io.WriteString(w, "ok")
+			return
+		}
+		started <- struct{}{}
+		select {
+		case <-release:
+			io.WriteString(w, reply)
+		case <-r.Context().Done():
+		}
+	})
 }
 
 // newH2Client is newClient speaking h2 with the given HTTP/2 settings.
@@ -1185,18 +1196,7 @@ func TestRelayBackendGoAway(t *testing.T) {
 	pki := newTestPKI(t)
 	started := make(chan struct{}, 1)
 	release, releaseNow := releaser(t)
-	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/first" {
-			started <- struct{}{}
-			select {
-			case <-release:
-				io.WriteString(w, "first")
-			case <-r.Context().Done():
-			}
-			return
-		}
-		io.WriteString(w, "ok")
-	})
+	handler := holdOn("/first", "first", started, release)
 
 	// The first backend connection goes to srvA, which is shut down;
 	// every later one to srvB.
@@ -2016,18 +2016,7 @@ func TestRelayDrain(t *testing.T) {
 	pki := newTestPKI(t)
 	started := make(chan struct{}, 1)
 	release, releaseNow := releaser(t)
-	be := startH2CBackend(t, nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/hold" {
-			started <- struct{}{}
-			select {
-			case <-release:
-				io.WriteString(w, "held")
-			case <-r.Context().Done():
-			}
-			return
-		}
-		io.WriteString(w, "ok")
-	}))
+	be := startH2CBackend(t, nil, holdOn("/hold", "held", started, release))
 	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
 	prx := startProxy(t, h, false)
 	p := dialRaw(t, pki, prx.addr)
