@@ -73,6 +73,12 @@ const (
 	defaultMaxFrameSize    = 16 << 10
 	defaultWindowSize      = 65535
 	maxStreamID            = 1<<31 - 1
+	// maxEarlyResets bounds how far a client's streams reset before
+	// their response started may outnumber those that got one (each
+	// response pays one back). Past it the client is opening and
+	// cancelling streams to load the backend (the HTTP/2 "rapid reset"
+	// attack, CVE-2023-44487) and gets GOAWAY ENHANCE_YOUR_CALM.
+	maxEarlyResets = 2 * maxConcurrentStreams
 )
 
 // errNotRelayed is returned by serveRelay when it could not reach the
@@ -114,6 +120,7 @@ type relay struct {
 	// stream's last frame is still on its way (finalPending).
 	goingAway    bool
 	finalPending int
+	earlyResets  int // see maxEarlyResets
 	maxStreams   uint32 // SETTINGS_MAX_CONCURRENT_STREAMS as told to the client
 	ended        bool
 	windowCond   sync.Cond   // signalled when clientWindow grows or the relay ends
@@ -413,7 +420,7 @@ func (r *relay) fromClient() {
 				err = nil
 			}
 		case *http2.RSTStreamFrame:
-			r.clientReset(f)
+			err = r.clientReset(f)
 		case *http2.WindowUpdateFrame:
 			r.clientWindowUpdate(f)
 		case *http2.SettingsFrame:
@@ -685,23 +692,31 @@ func (r *relay) clientData(f *http2.DataFrame) error {
 	return nil
 }
 
-func (r *relay) clientReset(f *http2.RSTStreamFrame) {
+func (r *relay) clientReset(f *http2.RSTStreamFrame) error {
 	r.mu.Lock()
 	st := r.streams[f.StreamID]
+	calm := false
 	if st != nil {
 		code := st.code
 		if code == 0 {
 			code = statusClientClosed
+			r.earlyResets++
+			calm = r.earlyResets > maxEarlyResets
 		}
 		r.removeLocked(st, code)
 	}
 	r.mu.Unlock()
 	if st == nil {
-		return
+		return nil
 	}
 	b := r.backend
 	b.write(func() error { return b.fr.WriteRSTStream(f.StreamID, f.ErrCode) })
+	if calm {
+		r.h.log.Warn("relay: client resets streams before their responses, closing", "client", r.ci.Client, "resets", maxEarlyResets)
+		return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+	}
 	r.endIfDone()
+	return nil
 }
 
 // clientStreamError answers a malformed request (bad header field, bad
@@ -816,6 +831,7 @@ func (r *relay) backendHeaders(f *headerBlock) {
 		case code >= 200:
 			st.code = code
 			st.timeout.Stop()
+			r.earlyResets = max(0, r.earlyResets-1)
 		}
 	} else if !f.endStream || f.pseudo != 0 {
 		bad = true // trailers end the stream and have no pseudo-headers

@@ -2386,3 +2386,50 @@ func TestRelayDrainWhileHoldingData(t *testing.T) {
 	}
 	p.until("the connection to close", func() bool { return p.readErr != nil })
 }
+
+// A client that keeps opening streams and resetting them before the
+// backend can answer (HTTP/2 "rapid reset") is sent GOAWAY
+// ENHANCE_YOUR_CALM and cut off; one whose resets come after responses,
+// or are paid back by responses, is not.
+func TestRelayRapidReset(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	started := make(chan struct{}, 4096) // never full: handlers must not block on it
+	release, _ := releaser(t)
+	be := startH2CBackend(t, nil, holdOn("/hold", "held", started, release))
+	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+	addr := startProxy(t, h, false).addr
+
+	t.Run("paid back", func(t *testing.T) {
+		p := dialRaw(t, pki, addr)
+		id := uint32(1)
+		// Each early reset is followed by a request that is answered:
+		// the count never grows.
+		for range maxEarlyResets + 10 {
+			p.get(id, "/hold")
+			p.must(p.write(func() error { return p.fr.WriteRSTStream(id, http2.ErrCodeCancel) }))
+			p.get(id+2, "/ok")
+			if s := p.response(id + 2); s.status() != "200" {
+				t.Fatalf("stream %d: %s", id+2, s.status())
+			}
+			id += 4
+		}
+		if p.goAway != nil {
+			t.Fatalf("GOAWAY %+v", p.goAway)
+		}
+	})
+
+	t.Run("rapid", func(t *testing.T) {
+		p := dialRaw(t, pki, addr)
+		id := uint32(1)
+		for range maxEarlyResets + 1 {
+			p.get(id, "/hold")
+			p.must(p.write(func() error { return p.fr.WriteRSTStream(id, http2.ErrCodeCancel) }))
+			id += 2
+		}
+		p.until("the connection to close", func() bool { return p.readErr != nil })
+		if p.goAway == nil || p.goAway.code != http2.ErrCodeEnhanceYourCalm {
+			t.Fatalf("GOAWAY %+v, want ENHANCE_YOUR_CALM; frames: %s", p.goAway, p.history())
+		}
+	})
+}
