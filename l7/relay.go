@@ -120,7 +120,7 @@ type relay struct {
 	// stream's last frame is still on its way (finalPending).
 	goingAway    bool
 	finalPending int
-	earlyResets  int // see maxEarlyResets
+	earlyResets  int    // see maxEarlyResets
 	maxStreams   uint32 // SETTINGS_MAX_CONCURRENT_STREAMS as told to the client
 	ended        bool
 	windowCond   sync.Cond   // signalled when clientWindow grows or the relay ends
