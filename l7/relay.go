@@ -149,7 +149,7 @@ type relayPeer struct {
 	hdec *headerDecoder
 
 	mu       sync.Mutex
-	bw       *bufio.Writer
+	bw       pooledWriter
 	enc      *hpack.Encoder
 	encBuf   bytes.Buffer
 	maxFrame uint32 // the peer's SETTINGS_MAX_FRAME_SIZE, for header blocks
@@ -159,10 +159,10 @@ func newRelayPeer(c net.Conn, maxHeaderList uint32) *relayPeer {
 	p := &relayPeer{
 		conn:     c,
 		br:       bufio.NewReaderSize(c, relayBufferSize),
-		bw:       bufio.NewWriterSize(c, relayBufferSize),
+		bw:       pooledWriter{conn: c},
 		maxFrame: defaultMaxFrameSize,
 	}
-	p.fr = http2.NewFramer(p.bw, p.br)
+	p.fr = http2.NewFramer(&p.bw, p.br)
 	// The protocol's default until the peer's SETTINGS say more
 	// (NewFramer's own default is the 16 MiB maximum).
 	p.fr.SetMaxReadFrameSize(defaultMaxFrameSize)
@@ -267,7 +267,7 @@ func (r *relay) start() error {
 	}
 	// Always refuse pushes: the relay would have nothing to do with one.
 	settings = append(settings, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
-	b.bw.WriteString(http2.ClientPreface)
+	b.bw.Write([]byte(http2.ClientPreface))
 	if err := b.fr.WriteSettings(settings...); err != nil {
 		return err
 	}
@@ -521,6 +521,39 @@ func (p *relayPeer) write(fn func() error) {
 
 func (p *relayPeer) flush() {
 	p.write(p.bw.Flush)
+}
+
+// pooledWriter buffers writes to conn in a bufio.Writer borrowed from a
+// pool while there is something to send, and gives it back on Flush, so
+// an idle connection holds no write buffer. Used under relayPeer.mu.
+type pooledWriter struct {
+	conn net.Conn
+	bw   *bufio.Writer
+}
+
+var relayWriters = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, relayBufferSize) }}
+
+func (w *pooledWriter) Write(p []byte) (int, error) {
+	if w.bw == nil {
+		w.bw = relayWriters.Get().(*bufio.Writer)
+		w.bw.Reset(w.conn)
+	}
+	return w.bw.Write(p)
+}
+
+func (w *pooledWriter) Flush() error {
+	if w.bw == nil {
+		return nil
+	}
+	err := w.bw.Flush()
+	if err == nil {
+		w.bw.Reset(nil)
+		relayWriters.Put(w.bw)
+		w.bw = nil
+	}
+	// After an error the buffer stays: bufio keeps failing every later
+	// write with it, which is what the relay wants of a dead peer.
+	return err
 }
 
 // writeHeaders encodes fields and writes them as one HEADERS frame and as
