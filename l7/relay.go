@@ -79,6 +79,12 @@ const (
 	// cancelling streams to load the backend (the HTTP/2 "rapid reset"
 	// attack, CVE-2023-44487) and gets GOAWAY ENHANCE_YOUR_CALM.
 	maxEarlyResets = 2 * maxConcurrentStreams
+	// lingerTimeout is how long a finished client connection is still
+	// read (and what arrives dropped) before it is closed. Closing a
+	// socket with unread input resets it, and the reset can destroy
+	// responses and the GOAWAY the client has not read yet; a client
+	// that got a GOAWAY normally closes first.
+	lingerTimeout = time.Second
 )
 
 // errNotRelayed is returned by serveRelay when it could not reach the
@@ -127,17 +133,19 @@ type relay struct {
 	idle         *time.Timer // ends the connection after idleTimeout without streams
 	callbacks    sync.WaitGroup
 	endOnce      sync.Once
+	// draining is set by end: fromClient then only reads and drops what
+	// the client still sends, until it closes or lingerTimeout passes.
+	draining atomic.Bool
 }
 
 // relayStream is one request in flight.
 type relayStream struct {
-	id       uint32
-	start    time.Time
-	code     int // final response status; 0 until its headers arrive
-	reqDone  bool
-	resDone  bool
-	timeout  *time.Timer // response timeout; nil once headers arrived
-	answered bool        // the relay answered it; the backend's frames are dropped
+	id      uint32
+	start   time.Time
+	code    int // final response status; 0 until its headers arrive
+	reqDone bool
+	resDone bool
+	timeout *time.Timer // response timeout, stopped when headers arrive
 }
 
 // relayPeer is one side of the relay: reads happen on one goroutine only,
@@ -220,7 +228,12 @@ func (h *Handler) serveRelay(ctx context.Context, tc net.Conn, ci ConnInfo) erro
 	r.clientStreamWindow.Store(defaultWindowSize)
 
 	if err := r.start(); err != nil {
-		h.log.Debug("relay: connection preface failed", "client", ci.Client, "err", err)
+		var be backendPrefaceError
+		if errors.As(err, &be) {
+			r.refuse(be.err)
+		} else {
+			h.log.Debug("relay: connection preface failed", "client", ci.Client, "err", err)
+		}
 		return nil
 	}
 
@@ -269,21 +282,21 @@ func (r *relay) start() error {
 	settings = append(settings, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
 	b.bw.Write([]byte(http2.ClientPreface))
 	if err := b.fr.WriteSettings(settings...); err != nil {
-		return err
+		return backendPrefaceError{err}
 	}
 	if err := b.bw.Flush(); err != nil {
-		return err
+		return backendPrefaceError{err}
 	}
 
 	b.conn.SetReadDeadline(time.Now().Add(r.h.dialTimeout))
 	sf, err = readSettings(b.fr)
 	if err != nil {
-		return err
+		return backendPrefaceError{err}
 	}
 	b.conn.SetReadDeadline(time.Time{})
 	settings, err = r.filterSettings(sf, r.toClientSetting)
 	if err != nil {
-		return err
+		return backendPrefaceError{err}
 	}
 	// The relay's own limits, whatever the backend said.
 	settings = append(settings,
@@ -297,6 +310,91 @@ func (r *relay) start() error {
 	}
 	r.settled = true
 	return nil
+}
+
+// backendPrefaceError is a backend that took the TCP (and TLS)
+// connection but did not answer as an HTTP/2 server: most often one that
+// speaks only HTTP/1.1, or is too busy to answer within the dial timeout.
+type backendPrefaceError struct{ err error }
+
+func (e backendPrefaceError) Error() string {
+	return "backend HTTP/2 preface: " + e.err.Error()
+}
+
+// refuse serves a client whose backend failed the connection preface as
+// the general path would: each request it has sent gets 502, and a
+// GOAWAY then sends it to a new connection, which tries the backend
+// again. Only the client side runs; nothing reaches the backend.
+func (r *relay) refuse(cause error) {
+	r.logBackendError(kindUnreachable, cause)
+	c := r.client
+	c.write(func() error {
+		// The relay's SETTINGS, and the ACK the backend would have sent
+		// for the client's.
+		err := c.fr.WriteSettings(
+			http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: maxConcurrentStreams},
+			http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: maxHeaderBytes})
+		if err == nil {
+			err = c.fr.WriteSettingsAck()
+		}
+		if err == nil {
+			err = c.bw.Flush()
+		}
+		return err
+	})
+	// Wait for requests no longer than for a handshake.
+	c.conn.SetReadDeadline(time.Now().Add(tlsHandshakeTimeout))
+	var last uint32
+read:
+	for {
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			break
+		}
+		switch f := f.(type) {
+		case *http2.HeadersFrame:
+			blk, err := c.hdec.read(c.fr, f)
+			if se := (http2.StreamError{}); err != nil && !errors.As(err, &se) {
+				break read // HPACK state lost
+			}
+			if err == nil && blk.streamID%2 == 1 && blk.streamID > last {
+				last = blk.streamID
+				start := time.Now()
+				r.h.metrics.streamStarted()
+				r.h.metrics.backendError(kindUnreachable)
+				r.answer(last, http.StatusBadGateway, blk.endStream)
+				r.h.metrics.streamDone()
+				r.h.metrics.requestDone(http.StatusBadGateway, time.Since(start))
+			}
+		case *http2.DataFrame:
+			c.credit(f.Length)
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				c.write(c.fr.WriteSettingsAck)
+			}
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				c.write(func() error { return c.fr.WritePing(true, f.Data) })
+			}
+		case *http2.WindowUpdateFrame:
+			if f.StreamID == 0 {
+				r.clientWindow.Add(int64(f.Increment))
+			}
+		case *http2.GoAwayFrame:
+			return
+		}
+		if last != 0 && c.br.Buffered() == 0 {
+			break read // answered what the client had sent
+		}
+	}
+	c.write(func() error { return c.fr.WriteGoAway(last, http2.ErrCodeNo, nil) })
+	c.flush()
+	c.conn.SetReadDeadline(time.Now().Add(lingerTimeout))
+	for {
+		if _, err := c.fr.ReadFrame(); err != nil && !errors.As(err, new(http2.StreamError)) {
+			return
+		}
+	}
 }
 
 func readSettings(fr *http2.Framer) (*http2.SettingsFrame, error) {
@@ -399,6 +497,12 @@ func (r *relay) fromClient() {
 	c, b := r.client, r.backend
 	for {
 		f, err := c.fr.ReadFrame()
+		if r.draining.Load() {
+			if err != nil && !errors.As(err, new(http2.StreamError)) {
+				return
+			}
+			continue
+		}
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {
@@ -406,7 +510,7 @@ func (r *relay) fromClient() {
 				continue
 			}
 			r.clientFailed(err)
-			return
+			continue // drains, see end
 		}
 		switch f := f.(type) {
 		case *http2.DataFrame:
@@ -438,7 +542,7 @@ func (r *relay) fromClient() {
 		// hop-by-hop and dropped.
 		if err != nil {
 			r.clientFailed(err)
-			return
+			continue // drains, see end
 		}
 		if c.br.Buffered() == 0 {
 			// Input drained: send what it produced, including frames
@@ -1238,15 +1342,19 @@ func (r *relay) enterCallback() bool {
 	return true
 }
 
-// end closes both connections, which ends both directions' reads.
+// end closes the backend connection and lets the client's linger, which
+// ends both directions' reads.
 func (r *relay) end() {
 	r.endOnce.Do(func() {
 		r.mu.Lock()
 		r.ended = true
 		r.windowCond.Broadcast()
 		r.mu.Unlock()
-		r.client.conn.Close()
+		r.draining.Store(true)
 		r.backend.conn.Close()
+		// The client connection closes once fromClient returns; see
+		// lingerTimeout.
+		r.client.conn.SetReadDeadline(time.Now().Add(lingerTimeout))
 	})
 }
 

@@ -2433,3 +2433,43 @@ func TestRelayRapidReset(t *testing.T) {
 		}
 	})
 }
+
+// A backend that takes the connection but does not speak HTTP/2 (here:
+// HTTP/1.1 only, behind a route that says h2c) fails the relay's
+// preface. The client's requests get 502 and a GOAWAY sends it to a new
+// connection, which tries the backend again.
+func TestRelayBackendNotHTTP2(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beHTTP1, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "an HTTP/1.1 answer")
+	}))
+	m := NewMetrics(prometheus.NewRegistry())
+	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c", Metrics: m})
+	addr := startProxy(t, h, false).addr
+
+	p := dialRaw(t, pki, addr)
+	p.get(1, "/a")
+	s := p.response(1)
+	if s.status() != "502" || s.body.String() != "bad gateway\n" {
+		t.Fatalf("status %s body %q, want 502 %q; frames: %s", s.status(), s.body.String(), "bad gateway\n", p.history())
+	}
+	p.until("the connection to close", func() bool { return p.readErr != nil })
+	if p.goAway == nil || p.goAway.last != 1 || p.goAway.code != http2.ErrCodeNo {
+		t.Fatalf("GOAWAY %+v, want last stream 1, NO_ERROR; frames: %s", p.goAway, p.history())
+	}
+
+	c, dials := newClient(t, pki, addr, true, "")
+	for i := range 3 {
+		if code, body := getStatus(t, c, url+"/b"); code != http.StatusBadGateway {
+			t.Fatalf("request %d: %d %q, want 502", i, code, body)
+		}
+	}
+	if n := dials.count(); n < 2 {
+		t.Errorf("%d client connections for 3 requests; want a new one after each GOAWAY", n)
+	}
+	if n := backendErrors(m, kindUnreachable); n != 4 {
+		t.Errorf("backend errors (unreachable) = %v, want 4", n)
+	}
+	waitFor(t, "5xx counted", func() bool { return routeCounter(m, "5xx") == 4 && activeStreams(m) == 0 })
+}
