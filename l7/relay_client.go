@@ -1,0 +1,308 @@
+package l7
+
+import (
+	"errors"
+	"net/http"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// fromClient forwards the client's frames to the backend until the client
+// connection fails or is closed. It flushes the backend side whenever it
+// has consumed everything the client has sent so far.
+func (r *relay) fromClient() {
+	c, b := r.client, r.backend
+	for {
+		f, err := c.fr.ReadFrame()
+		if r.draining.Load() {
+			if err != nil && !errors.As(err, new(http2.StreamError)) {
+				return
+			}
+			continue
+		}
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				r.clientStreamError(se)
+				continue
+			}
+			r.clientFailed(err)
+			continue // drains, see end
+		}
+		switch f := f.(type) {
+		case *http2.DataFrame:
+			err = r.clientData(f)
+		case *http2.HeadersFrame:
+			var blk *headerBlock
+			if blk, err = c.hdec.read(c.fr, f); err == nil {
+				err = r.clientHeaders(blk)
+			} else if se := (http2.StreamError{}); errors.As(err, &se) {
+				r.clientStreamError(se)
+				err = nil
+			}
+		case *http2.RSTStreamFrame:
+			err = r.clientReset(f)
+		case *http2.WindowUpdateFrame:
+			r.clientWindowUpdate(f)
+		case *http2.SettingsFrame:
+			err = r.clientSettings(f)
+		case *http2.PingFrame:
+			b.write(func() error { return b.fr.WritePing(f.IsAck(), f.Data) })
+		case *http2.PriorityFrame:
+			b.write(func() error { return b.fr.WritePriority(f.StreamID, f.PriorityParam) })
+		case *http2.GoAwayFrame:
+			r.clientGoAway(f)
+		case *http2.PushPromiseFrame:
+			err = http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		// Anything else (PRIORITY_UPDATE, unknown extensions) is
+		// hop-by-hop and dropped.
+		if err != nil {
+			r.clientFailed(err)
+			continue // drains, see end
+		}
+		if c.br.Buffered() == 0 {
+			// Input drained: send what it produced, including frames
+			// for the client itself (RST_STREAM, WINDOW_UPDATE).
+			b.flush()
+			c.flush()
+		}
+	}
+}
+
+func (r *relay) known(id uint32) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	_, ok := r.streams[id]
+	return ok
+}
+
+// clientHeaders handles a request's headers (a new stream) or trailers.
+func (r *relay) clientHeaders(f *headerBlock) error {
+	id := f.streamID
+	if id%2 == 0 {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	now := time.Now()
+	r.mu.Lock()
+	if st := r.streams[id]; st != nil {
+		// Trailers: the request must end with them.
+		if st.reqDone || !f.endStream {
+			r.mu.Unlock()
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if f.pseudo != 0 || f.truncated {
+			r.mu.Unlock()
+			r.clientStreamError(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
+			return nil
+		}
+		st.reqDone = true
+		if st.resDone {
+			r.finishLocked(st)
+		} else {
+			r.finalPending++
+		}
+		r.mu.Unlock()
+		b := r.backend
+		b.write(func() error { return b.writeHeaders(id, f.fields, true, http2.PriorityParam{}) })
+		r.finalSent()
+		return nil
+	}
+	if id <= r.lastStream {
+		// A stream the relay already answered, refused or finished.
+		r.mu.Unlock()
+		return nil
+	}
+	r.lastStream = id
+	if id > r.refuseAbove || uint32(len(r.streams)) >= r.maxStreams {
+		r.mu.Unlock()
+		c := r.client
+		c.write(func() error { return c.fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
+		return nil
+	}
+	r.mu.Unlock()
+
+	fields, code, errCode := r.requestFields(f)
+	switch {
+	case errCode != http2.ErrCodeNo:
+		c := r.client
+		c.write(func() error { return c.fr.WriteRSTStream(id, errCode) })
+		return nil
+	case code != 0:
+		r.h.metrics.streamStarted()
+		r.answer(id, code, f.endStream)
+		r.h.metrics.streamDone()
+		r.h.metrics.requestDone(code, time.Since(now))
+		return nil
+	}
+
+	st := &relayStream{id: id, start: now, reqDone: f.endStream}
+	r.mu.Lock()
+	if r.ended {
+		r.mu.Unlock()
+		return nil
+	}
+	r.streams[id] = st
+	if len(r.streams) == 1 {
+		r.idle.Stop()
+	}
+	st.timeout = time.AfterFunc(r.h.responseTimeout, func() { r.responseTimedOut(st) })
+	r.mu.Unlock()
+	r.h.metrics.streamStarted()
+
+	b := r.backend
+	b.write(func() error { return b.writeHeaders(id, fields, f.endStream, f.priority) })
+	return nil
+}
+
+func (r *relay) clientData(f *http2.DataFrame) error {
+	id := f.StreamID
+	r.mu.Lock()
+	st := r.streams[id]
+	ok := st != nil && !st.reqDone
+	end := ok && f.StreamEnded()
+	if end {
+		st.reqDone = true
+		if st.resDone {
+			r.finishLocked(st)
+		} else {
+			r.finalPending++
+		}
+	}
+	idleStream := id > r.lastStream
+	r.mu.Unlock()
+	if !ok {
+		if idleStream {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		// For a stream the relay answered, refused or finished: the
+		// backend will never see it, so its window comes back from here.
+		r.client.credit(f.Length)
+		return nil
+	}
+	r.backend.forwardData(f)
+	if end {
+		r.finalSent()
+	}
+	return nil
+}
+
+func (r *relay) clientReset(f *http2.RSTStreamFrame) error {
+	r.mu.Lock()
+	st := r.streams[f.StreamID]
+	calm := false
+	if st != nil {
+		code := st.code
+		if code == 0 {
+			code = statusClientClosed
+			r.earlyResets++
+			calm = r.earlyResets > maxEarlyResets
+		}
+		r.removeLocked(st, code)
+	}
+	r.mu.Unlock()
+	if st == nil {
+		return nil
+	}
+	b := r.backend
+	b.write(func() error { return b.fr.WriteRSTStream(f.StreamID, f.ErrCode) })
+	if calm {
+		r.h.log.Warn("relay: client resets streams before their responses, closing", "client", r.ci.Client, "resets", maxEarlyResets)
+		return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+	}
+	r.endIfDone()
+	return nil
+}
+
+// clientStreamError answers a malformed request (bad header field, bad
+// pseudo-header) with RST_STREAM; the connection goes on.
+func (r *relay) clientStreamError(se http2.StreamError) {
+	r.mu.Lock()
+	st := r.streams[se.StreamID]
+	if st != nil {
+		r.removeLocked(st, http.StatusBadRequest)
+	} else if se.StreamID > r.lastStream {
+		r.lastStream = se.StreamID
+	}
+	r.mu.Unlock()
+	c, b := r.client, r.backend
+	c.write(func() error { return c.fr.WriteRSTStream(se.StreamID, se.Code) })
+	c.flush()
+	if st != nil {
+		b.write(func() error { return b.fr.WriteRSTStream(se.StreamID, http2.ErrCodeCancel) })
+		r.endIfDone()
+	}
+}
+
+func (r *relay) clientWindowUpdate(f *http2.WindowUpdateFrame) {
+	b := r.backend
+	if f.StreamID != 0 {
+		if r.known(f.StreamID) {
+			b.write(func() error { return b.fr.WriteWindowUpdate(f.StreamID, f.Increment) })
+		}
+		return
+	}
+	n := int64(f.Increment)
+	if r.clientWindow.Add(n)-n < 0 {
+		// fromBackend may be waiting for this.
+		r.mu.Lock()
+		r.windowCond.Broadcast()
+		r.mu.Unlock()
+	}
+	n -= r.takeOwed(n)
+	if n > 0 {
+		b.write(func() error { return b.fr.WriteWindowUpdate(0, uint32(n)) })
+	}
+}
+
+// takeOwed takes up to n of the bytes the relay owes the backend's view
+// of the client's window.
+func (r *relay) takeOwed(n int64) int64 {
+	for {
+		owed := r.owed.Load()
+		take := min(owed, n)
+		if take == 0 || r.owed.CompareAndSwap(owed, owed-take) {
+			return take
+		}
+	}
+}
+
+func (r *relay) clientSettings(f *http2.SettingsFrame) error {
+	b := r.backend
+	if f.IsAck() {
+		b.write(b.fr.WriteSettingsAck)
+		return nil
+	}
+	settings, err := r.filterSettings(f, r.toBackendSetting)
+	if err != nil {
+		return err
+	}
+	b.write(func() error { return b.fr.WriteSettings(settings...) })
+	return nil
+}
+
+func (r *relay) clientGoAway(f *http2.GoAwayFrame) {
+	b := r.backend
+	b.write(func() error { return b.fr.WriteGoAway(f.LastStreamID, f.ErrCode, nil) })
+	r.mu.Lock()
+	r.goingAway = true
+	r.mu.Unlock()
+	r.endIfDone()
+}
+
+// clientFailed ends the relay after the client connection failed, closed,
+// or broke the protocol (then it gets a GOAWAY saying so).
+func (r *relay) clientFailed(err error) {
+	var ce http2.ConnectionError
+	if errors.As(err, &ce) {
+		r.mu.Lock()
+		last := min(r.lastStream, r.refuseAbove)
+		r.mu.Unlock()
+		c := r.client
+		c.write(func() error { return c.fr.WriteGoAway(last, http2.ErrCode(ce), nil) })
+		c.flush()
+		r.h.log.Debug("relay: client protocol error", "client", r.ci.Client, "err", err)
+	}
+	r.end()
+}
