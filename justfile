@@ -9,9 +9,9 @@ test:
     go vet ./...
     go test -race ./...
 
-# Hot-path micro-benchmarks (ClientHello parser, route lookup, firewall, PROXY parser).
+# Hot-path micro-benchmarks (ClientHello parser, route lookup, firewall, PROXY parser, reload, L7 relay headers).
 bench:
-    go test -run XXX -bench . -benchmem ./clienthello/ ./proxy/ ./firewall/ ./proxyproto/ ./reload/
+    go test -run XXX -bench . -benchmem ./clienthello/ ./proxy/ ./firewall/ ./proxyproto/ ./reload/ ./l7/
 
 # Whole-proxy load benchmark against a direct connection (loopback only, bounded in time).
 loadbench:

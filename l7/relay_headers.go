@@ -71,14 +71,18 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 		}
 		out = append(out, hf)
 	}
-	if r.clientIP != "" {
-		xff = append(xff, r.clientIP)
-		if !hasRealIP {
-			out = append(out, hpack.HeaderField{Name: "x-real-ip", Value: r.clientIP})
-		}
+	if r.clientIP != "" && !hasRealIP {
+		out = append(out, hpack.HeaderField{Name: "x-real-ip", Value: r.clientIP})
 	}
-	if len(xff) > 0 {
+	// One field, comma-separated, as most backends read only the first
+	// X-Forwarded-For; without a trusted chain it is just the client.
+	switch {
+	case len(xff) > 0 && r.clientIP != "":
+		out = append(out, hpack.HeaderField{Name: "x-forwarded-for", Value: strings.Join(xff, ", ") + ", " + r.clientIP})
+	case len(xff) > 0:
 		out = append(out, hpack.HeaderField{Name: "x-forwarded-for", Value: strings.Join(xff, ", ")})
+	case r.clientIP != "":
+		out = append(out, hpack.HeaderField{Name: "x-forwarded-for", Value: r.clientIP})
 	}
 	out = append(out, hpack.HeaderField{Name: "x-forwarded-proto", Value: "https"})
 	if host != "" {
