@@ -304,8 +304,8 @@ func (r *relay) removeLocked(st *relayStream, code int) {
 	}
 }
 
-// finalSent is called after the last frame of a stream removed by
-// finishLocked has been written.
+// finalSent is called after a frame that endLocked announced has been
+// written.
 func (r *relay) finalSent() {
 	r.mu.Lock()
 	r.finalPending--
@@ -313,11 +313,15 @@ func (r *relay) finalSent() {
 	r.endIfDone()
 }
 
-// finishLocked removes a stream whose last frame the caller is about to
-// forward; the connection does not end before finalSent. Called with r.mu
-// held.
-func (r *relay) finishLocked(st *relayStream) {
-	r.removeLocked(st, st.code)
+// endLocked records that one direction of st ends with the frame the
+// caller is about to forward: done is &st.reqDone or &st.resDone. The
+// stream is finished once both have ended, and the connection does not
+// end before the caller's finalSent. Called with r.mu held.
+func (r *relay) endLocked(st *relayStream, done *bool) {
+	*done = true
+	if st.reqDone && st.resDone {
+		r.removeLocked(st, st.code)
+	}
 	r.finalPending++
 }
 

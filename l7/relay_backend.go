@@ -108,12 +108,7 @@ func (r *relay) backendHeaders(f *headerBlock) {
 	}
 	end := f.endStream
 	if end {
-		st.resDone = true
-		if st.reqDone {
-			r.finishLocked(st)
-		} else {
-			r.finalPending++
-		}
+		r.endLocked(st, &st.resDone)
 	}
 	r.mu.Unlock()
 	c := r.client
@@ -130,12 +125,7 @@ func (r *relay) backendData(f *http2.DataFrame) {
 	ok := st != nil && st.code != 0 && !st.resDone
 	end := ok && f.StreamEnded()
 	if end {
-		st.resDone = true
-		if st.reqDone {
-			r.finishLocked(st)
-		} else {
-			r.finalPending++
-		}
+		r.endLocked(st, &st.resDone)
 	}
 	r.mu.Unlock()
 	if !ok {

@@ -97,12 +97,7 @@ func (r *relay) clientHeaders(f *headerBlock) error {
 			r.clientStreamError(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
 			return nil
 		}
-		st.reqDone = true
-		if st.resDone {
-			r.finishLocked(st)
-		} else {
-			r.finalPending++
-		}
+		r.endLocked(st, &st.reqDone)
 		r.mu.Unlock()
 		b := r.backend
 		b.write(func() error { return b.writeHeaders(id, f.fields, true, http2.PriorityParam{}) })
@@ -163,12 +158,7 @@ func (r *relay) clientData(f *http2.DataFrame) error {
 	ok := st != nil && !st.reqDone
 	end := ok && f.StreamEnded()
 	if end {
-		st.reqDone = true
-		if st.resDone {
-			r.finishLocked(st)
-		} else {
-			r.finalPending++
-		}
+		r.endLocked(st, &st.reqDone)
 	}
 	idleStream := id > r.lastStream
 	r.mu.Unlock()
