@@ -379,18 +379,6 @@ func getEcho(t *testing.T, c *http.Client, req *http.Request) echoReply {
 	return rep
 }
 
-// waitFor polls cond until it holds; metrics are updated after the
-// response is on its way, so tests cannot read them synchronously.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); !cond(); {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func mustRequest(t *testing.T, method, url string, body io.Reader) *http.Request {
 	t.Helper()
 	req, err := http.NewRequest(method, url, body)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/portcullis/portcullis/testnet"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
@@ -195,7 +196,7 @@ func TestHTTP1(t *testing.T) {
 	getEcho(t, c, mustRequest(t, "GET", url+"/after-close", nil))
 
 	route := frontName
-	waitFor(t, "2 requests counted", func() bool {
+	testnet.WaitFor(t, "2 requests counted", func() bool {
 		return testutil.ToFloat64(m.requests.WithLabelValues("test", route, "2xx")) == 2 &&
 			testutil.ToFloat64(m.activeStreams.WithLabelValues("test", route)) == 0
 	})
@@ -451,7 +452,7 @@ func TestBackendErrors(t *testing.T) {
 			if n := testutil.ToFloat64(m.backendErrors.WithLabelValues("test", route, kindUnreachable)); n != 1 {
 				t.Errorf("unreachable errors = %v, want 1", n)
 			}
-			waitFor(t, "5xx counted", func() bool { return testutil.ToFloat64(m.requests.WithLabelValues("test", route, "5xx")) == 1 })
+			testnet.WaitFor(t, "5xx counted", func() bool { return testutil.ToFloat64(m.requests.WithLabelValues("test", route, "5xx")) == 1 })
 		})
 		t.Run(proto+"/timeout", func(t *testing.T) {
 			m := NewMetrics(prometheus.NewRegistry())
@@ -539,7 +540,7 @@ func TestSendProxyProtocol(t *testing.T) {
 			for _, c := range clients {
 				c.CloseIdleConnections()
 			}
-			waitFor(t, "backend connections to close", func() bool { return be.open.Load() == 0 })
+			testnet.WaitFor(t, "backend connections to close", func() bool { return be.open.Load() == 0 })
 		})
 	}
 }

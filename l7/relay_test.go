@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portcullis/portcullis/testnet"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/net/http2"
@@ -895,7 +896,7 @@ func TestRelayResponseTimeout(t *testing.T) {
 	if d := dials.count(); d != 1 {
 		t.Errorf("client made %d connections, want 1", d)
 	}
-	waitFor(t, "requests counted", func() bool {
+	testnet.WaitFor(t, "requests counted", func() bool {
 		return routeCounter(m, "5xx") == 1 && routeCounter(m, "2xx") == 6 && activeStreams(m) == 0
 	})
 }
@@ -1123,7 +1124,7 @@ func TestRelayClientCancel(t *testing.T) {
 	}
 	// The stream cancelled after its headers counts as 2xx, the one
 	// cancelled before as a client that left (4xx).
-	waitFor(t, "requests counted", func() bool {
+	testnet.WaitFor(t, "requests counted", func() bool {
 		return routeCounter(m, "2xx") == 4 && routeCounter(m, "4xx") == 1 && activeStreams(m) == 0
 	})
 }
@@ -1320,7 +1321,7 @@ func TestRelayBackendConnectionDies(t *testing.T) {
 	if n := backendErrors(m, kindOther); n != 1 {
 		t.Errorf("backend errors (other) = %v, want 1", n)
 	}
-	waitFor(t, "5xx counted", func() bool { return routeCounter(m, "5xx") == 1 && activeStreams(m) == 0 })
+	testnet.WaitFor(t, "5xx counted", func() bool { return routeCounter(m, "5xx") == 1 && activeStreams(m) == 0 })
 }
 
 // 6b. Every request cut off by a dead backend connection is a backend
@@ -1349,7 +1350,7 @@ func TestRelayBackendDiesCountsEveryRequest(t *testing.T) {
 	if p.goAway == nil || p.goAway.last != 3 {
 		t.Errorf("GOAWAY %+v, want last stream 3", p.goAway)
 	}
-	waitFor(t, "5xx counted", func() bool { return routeCounter(m, "5xx") == 2 && activeStreams(m) == 0 })
+	testnet.WaitFor(t, "5xx counted", func() bool { return routeCounter(m, "5xx") == 2 && activeStreams(m) == 0 })
 	if n := backendErrors(m, kindOther); n != 2 {
 		t.Errorf("portcullis_l7_backend_errors_total{kind=other} = %v after two requests got 502, want 2", n)
 	}
@@ -1534,7 +1535,7 @@ func TestRelayRequestHeaderLimits(t *testing.T) {
 		}
 	})
 
-	waitFor(t, "4xx counted", func() bool { return routeCounter(m, "4xx") == 2 && activeStreams(m) == 0 })
+	testnet.WaitFor(t, "4xx counted", func() bool { return routeCounter(m, "4xx") == 2 && activeStreams(m) == 0 })
 }
 
 // 8b. Request DATA the relay drops, for a stream it answered itself, is
@@ -1762,7 +1763,7 @@ func TestRelayIdleTimeout(t *testing.T) {
 	if !errors.Is(p.readErr, io.EOF) {
 		t.Errorf("after GOAWAY: %v, want EOF", p.readErr)
 	}
-	waitFor(t, "the backend connection to close", func() bool { return be.open.Load() == 0 })
+	testnet.WaitFor(t, "the backend connection to close", func() bool { return be.open.Load() == 0 })
 }
 
 // 12. Forwarding headers on the relay path, as the backend receives them.
@@ -1893,12 +1894,12 @@ func TestRelayRequestMetrics(t *testing.T) {
 		done <- res.StatusCode
 	}()
 	recv(t, held, "the held request")
-	waitFor(t, "one active stream", func() bool { return activeStreams(m) == 1 })
+	testnet.WaitFor(t, "one active stream", func() bool { return activeStreams(m) == 1 })
 	releaseNow()
 	if code := recv(t, done, "the held request"); code != http.StatusOK {
 		t.Fatalf("held: %d", code)
 	}
-	waitFor(t, "requests counted", func() bool {
+	testnet.WaitFor(t, "requests counted", func() bool {
 		return routeCounter(m, "2xx") == 4 && routeCounter(m, "4xx") == 1 && activeStreams(m) == 0
 	})
 	if n := routeCounter(m, "5xx"); n != 0 {
@@ -2246,7 +2247,7 @@ func TestRelayBackendRefusedStream(t *testing.T) {
 	if s := p.response(3); s.status() != "200" {
 		t.Fatalf("stream 3: %s", s.status())
 	}
-	waitFor(t, "the 200 counted", func() bool { return routeCounter(m, "2xx") == 1 && activeStreams(m) == 0 })
+	testnet.WaitFor(t, "the 200 counted", func() bool { return routeCounter(m, "2xx") == 1 && activeStreams(m) == 0 })
 	if n := backendErrors(m, kindOther); n != 0 {
 		t.Errorf("backend errors (other) = %v, want 0", n)
 	}
@@ -2471,5 +2472,5 @@ func TestRelayBackendNotHTTP2(t *testing.T) {
 	if n := backendErrors(m, kindUnreachable); n != 4 {
 		t.Errorf("backend errors (unreachable) = %v, want 4", n)
 	}
-	waitFor(t, "5xx counted", func() bool { return routeCounter(m, "5xx") == 4 && activeStreams(m) == 0 })
+	testnet.WaitFor(t, "5xx counted", func() bool { return routeCounter(m, "5xx") == 4 && activeStreams(m) == 0 })
 }

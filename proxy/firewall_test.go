@@ -22,6 +22,7 @@ import (
 	"github.com/maxmind/mmdbwriter/mmdbtype"
 
 	"github.com/portcullis/portcullis/config"
+	"github.com/portcullis/portcullis/testnet"
 )
 
 // These tests drive the firewall through real sockets. Linux routes all
@@ -184,7 +185,7 @@ func (f *fwClient) refuse(from, why string) {
 		}
 		return n
 	}
-	waitFor(f.t, fmt.Sprintf("the rejection from %s counted", from), func() bool {
+	testnet.WaitFor(f.t, fmt.Sprintf("the rejection from %s counted", from), func() bool {
 		return total(f.counts()) > total(before)
 	})
 	for r, n := range f.counts() {
@@ -580,7 +581,7 @@ func TestFirewallRateLimit(t *testing.T) {
 		if passed.Load() != 3 || failed.Load() != n-3 {
 			t.Fatalf("%d of %d concurrent connections passed, want exactly 3", passed.Load(), n)
 		}
-		waitFor(t, "rate_limited counted", func() bool { return h.rejected("l", "rate_limited") == before+n-3 })
+		testnet.WaitFor(t, "rate_limited counted", func() bool { return h.rejected("l", "rate_limited") == before+n-3 })
 	})
 
 	// IPv6 sources are keyed by /64; ::1 has a budget of its own.

@@ -88,19 +88,6 @@ func (h *harness) rejected(listener, why string) float64 {
 	return testutil.ToFloat64(h.srv.metrics.rejected.WithLabelValues(listener, why))
 }
 
-// waitFor polls cond; it exists because counters are updated by the
-// connection goroutine after the client has already seen the close.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // tlsBackend is a TLS server that greets every client with its name
 // and then echoes.
 type tlsBackend struct {

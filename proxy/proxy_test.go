@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portcullis/portcullis/testnet"
 	"github.com/portcullis/portcullis/testpki"
 )
 
@@ -177,7 +178,7 @@ dial_timeout = "2s"
 			if n, err := c.Read(make([]byte, 1)); err == nil {
 				t.Fatalf("read %d bytes, want the connection closed", n)
 			}
-			waitFor(t, tc.reason+" counted", func() bool { return h.rejected("l", tc.reason) == before+1 })
+			testnet.WaitFor(t, tc.reason+" counted", func() bool { return h.rejected("l", tc.reason) == before+1 })
 		})
 	}
 }
@@ -274,7 +275,7 @@ func TestLargeTransferIntact(t *testing.T) {
 	if !bytes.Equal(got.Sum(nil), sent.Sum(nil)) {
 		t.Fatal("64 MiB came back with a different SHA-256")
 	}
-	waitFor(t, "byte counters", func() bool {
+	testnet.WaitFor(t, "byte counters", func() bool {
 		return h.routeBytes("l", "bulk.test", "backend_to_client") == size
 	})
 	if v := h.routeBytes("l", "bulk.test", "client_to_backend"); v != size+float64(len(hello)) {
@@ -320,11 +321,11 @@ func TestThousandConcurrentConnections(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	waitFor(t, "all active", func() bool { return h.srv.Status()[0].Active == n })
+	testnet.WaitFor(t, "all active", func() bool { return h.srv.Status()[0].Active == n })
 	for _, c := range conns {
 		c.Close()
 	}
-	waitFor(t, "all closed", func() bool { return h.srv.Status()[0].Active == 0 })
+	testnet.WaitFor(t, "all closed", func() bool { return h.srv.Status()[0].Active == 0 })
 	// TestMain's goleak check fails the run if any relay goroutine is left.
 }
 
@@ -401,7 +402,7 @@ func TestRelayUsesSplice(t *testing.T) {
 	}
 	// Each direction that carried bulk data now waits in splice holding
 	// a pipe (two descriptors); demand at least one pipe per connection.
-	waitFor(t, "splice pipes", func() bool { return countPipes(t)-before >= 2*n })
+	testnet.WaitFor(t, "splice pipes", func() bool { return countPipes(t)-before >= 2*n })
 }
 
 func countPipes(t *testing.T) int {
@@ -470,7 +471,7 @@ idle_timeout = "400ms"
 		} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
 			t.Fatal("spliced relay was not closed by idle_timeout")
 		}
-		waitFor(t, "backend result", func() bool { mu.Lock(); defer mu.Unlock(); _, ok := received["bulk"]; return ok })
+		testnet.WaitFor(t, "backend result", func() bool { mu.Lock(); defer mu.Unlock(); _, ok := received["bulk"]; return ok })
 		mu.Lock()
 		defer mu.Unlock()
 		if received["bulk"] != 1<<20 {
@@ -495,7 +496,7 @@ idle_timeout = "400ms"
 		c.(*net.TCPConn).CloseWrite()
 		c.SetDeadline(time.Now().Add(10 * time.Second))
 		io.Copy(io.Discard, c)
-		waitFor(t, "backend result", func() bool { mu.Lock(); defer mu.Unlock(); _, ok := received["busy"]; return ok })
+		testnet.WaitFor(t, "backend result", func() bool { mu.Lock(); defer mu.Unlock(); _, ok := received["busy"]; return ok })
 		mu.Lock()
 		defer mu.Unlock()
 		if received["busy"] != 15 {
@@ -538,9 +539,9 @@ func TestMaxConnections(t *testing.T) {
 	if _, err := open(); err == nil {
 		t.Fatal("third connection got through a cap of 2")
 	}
-	waitFor(t, "rejection counted", func() bool { return h.rejected("l", "max_connections") == 1 })
+	testnet.WaitFor(t, "rejection counted", func() bool { return h.rejected("l", "max_connections") == 1 })
 	c2.Close()
-	waitFor(t, "slot freed", func() bool { return h.srv.Status()[0].Active == 1 })
+	testnet.WaitFor(t, "slot freed", func() bool { return h.srv.Status()[0].Active == 1 })
 	c3, err := open()
 	if err != nil {
 		t.Fatalf("after closing one, a new connection was refused: %v", err)
@@ -566,7 +567,7 @@ func TestShutdownDrains(t *testing.T) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(20 * time.Second))
 	c.Write(hello)
-	waitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
+	testnet.WaitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
 
 	done := make(chan error, 1)
 	go func() {
@@ -575,7 +576,7 @@ func TestShutdownDrains(t *testing.T) {
 		done <- h.srv.Shutdown(ctx)
 	}()
 	// New connections are refused once the listener is closed…
-	waitFor(t, "listener closed", func() bool {
+	testnet.WaitFor(t, "listener closed", func() bool {
 		nc, err := net.Dial("tcp", addr)
 		if err == nil {
 			nc.Close()
@@ -606,7 +607,7 @@ func TestShutdownGraceExpires(t *testing.T) {
 	}
 	defer c.Close()
 	c.Write(hello)
-	waitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
+	testnet.WaitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	if err := h.srv.Shutdown(ctx); err != context.DeadlineExceeded {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/portcullis/portcullis/proxyproto"
+	"github.com/portcullis/portcullis/testnet"
 )
 
 // These tests cover the PROXY protocol on the data path: headers received
@@ -343,7 +344,7 @@ func TestProxyProtocolRejections(t *testing.T) {
 					t.Fatal("the proxy did not close the connection")
 				}
 			}
-			waitFor(t, tc.reason+" counted", func() bool { return h.rejected("pp", tc.reason) == before+1 })
+			testnet.WaitFor(t, tc.reason+" counted", func() bool { return h.rejected("pp", tc.reason) == before+1 })
 		})
 	}
 }
@@ -383,7 +384,7 @@ func TestProxyProtocolFirewallUsesHeaderAddress(t *testing.T) {
 			if line, err := readLine(c); err == nil {
 				t.Fatalf("a blocked client got through: %q", line)
 			}
-			waitFor(t, "blocked_ip counted", func() bool { return h.rejected("pp", "blocked_ip") == before+1 })
+			testnet.WaitFor(t, "blocked_ip counted", func() bool { return h.rejected("pp", "blocked_ip") == before+1 })
 		})
 	}
 }
@@ -410,7 +411,7 @@ func TestProxyProtocolRateLimitUsesHeaderAddress(t *testing.T) {
 		if line, err := readLine(c); err == nil {
 			t.Fatalf("client %s got through: %q", src, line)
 		}
-		waitFor(t, reason+" counted", func() bool { return h.rejected("pp", reason) == before+1 })
+		testnet.WaitFor(t, reason+" counted", func() bool { return h.rejected("pp", reason) == before+1 })
 	}
 	allowed := func(src string) {
 		t.Helper()

@@ -101,17 +101,6 @@ func (r *rig) await(listener, want string) {
 	}
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func appConfig(backend string) string {
 	return fmt.Sprintf(`
 [[listener]]
@@ -232,7 +221,7 @@ func TestDebounceOneReloadPerSave(t *testing.T) {
 	}
 	// Saving the same content again is recognised as a no-op.
 	r.write(appConfig(b))
-	waitFor(t, "unchanged result", func() bool { return r.count("unchanged") >= 1 })
+	testnet.WaitFor(t, "unchanged result", func() bool { return r.count("unchanged") >= 1 })
 	if got := r.count("success") - before; got != 1 {
 		t.Fatalf("an identical save recompiled (%v successes)", got)
 	}
@@ -251,7 +240,7 @@ func TestBrokenFileKeepsServing(t *testing.T) {
 	} {
 		fails := r.count("failure")
 		r.write(broken)
-		waitFor(t, "failure counted", func() bool { return r.count("failure") == fails+1 })
+		testnet.WaitFor(t, "failure counted", func() bool { return r.count("failure") == fails+1 })
 		if got := r.ask("l"); got != "A" {
 			t.Fatalf("after a broken save, routed to %q", got)
 		}
@@ -299,7 +288,7 @@ name = "busy"
 listen = %q
 `, free, busy.Addr().String())
 	r.write(next)
-	waitFor(t, "failure", func() bool { return r.count("failure") == 1 })
+	testnet.WaitFor(t, "failure", func() bool { return r.count("failure") == 1 })
 	if !strings.Contains(r.m.Status().LastError, "listener[2].listen") {
 		t.Fatalf("error does not name the listener: %s", r.m.Status().LastError)
 	}
@@ -344,7 +333,7 @@ func TestListenerChanges(t *testing.T) {
 
 	// Move the listener to another address.
 	r.write(cfg(p2))
-	waitFor(t, "new address", func() bool { return r.srv.Addr("l0").String() == p2 })
+	testnet.WaitFor(t, "new address", func() bool { return r.srv.Addr("l0").String() == p2 })
 	r.await("l0", "A")
 	ln, err := net.Listen("tcp", p1)
 	if err != nil {
@@ -360,10 +349,10 @@ func TestListenerChanges(t *testing.T) {
 
 	// Add a second listener, then remove it.
 	r.write(cfg(p2, p1))
-	waitFor(t, "second listener", func() bool { return len(r.srv.Status()) == 2 })
+	testnet.WaitFor(t, "second listener", func() bool { return len(r.srv.Status()) == 2 })
 	r.await("l1", "A")
 	r.write(cfg(p2))
-	waitFor(t, "second listener gone", func() bool { return len(r.srv.Status()) == 1 })
+	testnet.WaitFor(t, "second listener gone", func() bool { return len(r.srv.Status()) == 1 })
 }
 
 func TestRouteVisibleRightAfterReload(t *testing.T) {
@@ -377,7 +366,7 @@ func TestRouteVisibleRightAfterReload(t *testing.T) {
 		}
 		n := r.count("success")
 		r.write(appConfig(backend))
-		waitFor(t, "reload", func() bool { return r.count("success") > n })
+		testnet.WaitFor(t, "reload", func() bool { return r.count("success") > n })
 		// No polling: the very next connection must see the new route.
 		if got := r.ask("l"); got != want {
 			t.Fatalf("round %d: first connection after the reload went to %q, want %q", i, got, want)
@@ -438,7 +427,7 @@ func TestReloadsUnderLoad(t *testing.T) {
 		}
 		n := r.count("success")
 		r.write(appConfig(backend))
-		waitFor(t, "reload", func() bool { return r.count("success") > n })
+		testnet.WaitFor(t, "reload", func() bool { return r.count("success") > n })
 	}
 	close(stop)
 	wg.Wait()
@@ -449,8 +438,8 @@ func TestReloadsUnderLoad(t *testing.T) {
 	if n := len(r.srv.Status()); n != 1 {
 		t.Fatalf("%d listeners, want 1", n)
 	}
-	waitFor(t, "connections closed", func() bool { return r.srv.Status()[0].Active == 0 })
-	waitFor(t, "descriptors released", func() bool { return countFDs(t) <= fdsBefore+8 })
+	testnet.WaitFor(t, "connections closed", func() bool { return r.srv.Status()[0].Active == 0 })
+	testnet.WaitFor(t, "descriptors released", func() bool { return countFDs(t) <= fdsBefore+8 })
 }
 
 func countFDs(t *testing.T) int {

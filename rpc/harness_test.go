@@ -299,7 +299,7 @@ func (h *harness) status(listener string) *adminpb.ListenerStatus {
 // for reason (the counter is bumped after the client sees the close).
 func (h *harness) waitRejected(listener, reason string, n uint64) {
 	h.t.Helper()
-	waitFor(h.t, fmt.Sprintf("%s rejected[%s] >= %d", listener, reason, n), func() bool {
+	testnet.WaitFor(h.t, fmt.Sprintf("%s rejected[%s] >= %d", listener, reason, n), func() bool {
 		return h.status(listener).Rejected[reason] >= n
 	})
 }
@@ -436,19 +436,6 @@ func wantCode(t *testing.T, err error, want codes.Code) {
 	t.Helper()
 	if got := status.Code(err); got != want {
 		t.Fatalf("got %v (%v), want code %v", got, err, want)
-	}
-}
-
-// waitFor polls cond: counters are updated by connection goroutines
-// after the client has already seen the close.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 

@@ -27,6 +27,7 @@ import (
 
 	"github.com/portcullis/portcullis/rpc/adminpb"
 	"github.com/portcullis/portcullis/state"
+	"github.com/portcullis/portcullis/testnet"
 )
 
 func myActor() string { return "uid:" + strconv.Itoa(os.Getuid()) }
@@ -74,7 +75,7 @@ func TestGetStatus(t *testing.T) {
 		t.Errorf("total connections public %d aux %d, want >= 2 and 0", pub.TotalConnections, aux.TotalConnections)
 	}
 	// The relays of the two asks end shortly after the client closed.
-	waitFor(t, "public active == 0", func() bool { return h.status("public").ActiveConnections == 0 })
+	testnet.WaitFor(t, "public active == 0", func() bool { return h.status("public").ActiveConnections == 0 })
 
 	c, line, err := h.holdConn("aux", "aux.test")
 	if err != nil || line != "aux" {
@@ -340,7 +341,7 @@ func TestMaxConnectionsLive(t *testing.T) {
 	// Close one: once the proxy has seen it go, the next is accepted.
 	held[0].Close()
 	held = held[1:]
-	waitFor(t, "public active == 1", func() bool { return h.status("public").ActiveConnections == 1 })
+	testnet.WaitFor(t, "public active == 1", func() bool { return h.status("public").ActiveConnections == 1 })
 	hold()
 	refused(2)
 

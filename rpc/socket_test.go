@@ -18,6 +18,7 @@ import (
 
 	"github.com/portcullis/portcullis/config"
 	"github.com/portcullis/portcullis/rpc"
+	"github.com/portcullis/portcullis/testnet"
 )
 
 // adminOnly parses a config with only an [admin] section; the socket
@@ -177,7 +178,7 @@ func TestListenFailureClosesWhatItOpened(t *testing.T) {
 		}
 		// Once the failed Listen's Serve goroutine has run, the new
 		// socket must still be there.
-		waitFor(t, "the failed Listen's Serve goroutine to exit", func() bool { return grpcServeGoroutines() <= 1 })
+		testnet.WaitFor(t, "the failed Listen's Serve goroutine to exit", func() bool { return grpcServeGoroutines() <= 1 })
 		if _, err := os.Lstat(path); err != nil {
 			run.Stop()
 			t.Fatalf("round %d: the new socket was unlinked: %v", i, err)

@@ -1,5 +1,6 @@
 // Package testnet holds loopback helpers shared by the tests of several
-// packages: real ClientHellos from crypto/tls and small TCP backends.
+// packages: real ClientHellos from crypto/tls, small TCP backends, and
+// polling for state another goroutine updates.
 package testnet
 
 import (
@@ -108,5 +109,19 @@ func ReadLine(r io.Reader) (string, error) {
 			return string(b), nil
 		}
 		b = append(b, one[0])
+	}
+}
+
+// WaitFor polls cond until it holds, failing the test after 10 s. It is
+// for state another goroutine updates after the client has already seen
+// its answer (counters, connection bookkeeping), never for timing.
+func WaitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
