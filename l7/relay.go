@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -264,10 +265,10 @@ func (r *relay) answer(id uint32, code int, reqDone bool) {
 			body = ""
 		}
 		fields := []hpack.HeaderField{
-			{Name: ":status", Value: statusText(code)},
+			{Name: ":status", Value: strconv.Itoa(code)},
 			{Name: "content-type", Value: "text/plain; charset=utf-8"},
 			{Name: "x-content-type-options", Value: "nosniff"},
-			{Name: "content-length", Value: statusText(len(body))},
+			{Name: "content-length", Value: strconv.Itoa(len(body))},
 		}
 		if err := c.writeHeaders(id, fields, body == "", http2.PriorityParam{}); err != nil {
 			return err

@@ -104,8 +104,6 @@ func parseStatus(s string) int {
 	return n
 }
 
-func statusText(n int) string { return strconv.Itoa(n) }
-
 // statusBodies are the short bodies of the responses the relay writes
 // itself, the same as the general path's.
 var statusBodies = map[int]string{}
