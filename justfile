@@ -17,6 +17,10 @@ bench:
 loadbench:
     go run ./bench -duration 5s
 
+# The same with the proxies on CPUs of their own (half the machine each way).
+loadbench-split:
+    go run ./bench -duration 5s -cpus split
+
 # L7 load benchmark: h2load through an L7 route vs the h2c backend directly (needs nghttp2-client).
 loadbench-l7:
     go run ./bench/l7 -duration 5s -rounds 4

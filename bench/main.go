@@ -37,6 +37,8 @@ type options struct {
 	bin      string
 	nofile   uint64
 	procs    int
+	phases   map[string]bool
+	cpus     cpuLayout
 }
 
 func main() {
@@ -56,8 +58,20 @@ func run(args []string) int {
 	fs.StringVar(&o.bin, "bin", "", "portcullis binary to run (default: go build the module into the temp dir)")
 	fs.IntVar(&o.procs, "proxy-procs", 0, "run portcullis with GOMAXPROCS set to this (0: the runtime's default)")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "try to raise the hard RLIMIT_NOFILE to this first (needs CAP_SYS_RESOURCE; 0: keep it)")
+	cpus := fs.String("cpus", "shared", "shared: every process may use every CPU; split: load generator and backend on the first half of the CPUs, proxies on the rest")
+	phases := fs.String("phases", "idle,bulk,rate", "comma-separated phases to run: idle, bulk, rate")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	o.phases = map[string]bool{}
+	for _, ph := range strings.Split(*phases, ",") {
+		switch ph = strings.TrimSpace(ph); ph {
+		case "idle", "bulk", "rate":
+			o.phases[ph] = true
+		default:
+			fmt.Fprintf(os.Stderr, "bench: unknown phase %q in -phases (want idle, bulk, rate)\n", ph)
+			return 2
+		}
 	}
 	switch {
 	case o.haproxy != "auto" && o.haproxy != "off":
@@ -71,6 +85,22 @@ func run(args []string) int {
 		return 2
 	case fs.NArg() > 0:
 		fmt.Fprintf(os.Stderr, "bench: unexpected arguments %q\n", fs.Args())
+		return 2
+	}
+	switch *cpus {
+	case "shared":
+	case "split":
+		l, err := splitCPUs()
+		if err == nil {
+			err = pinSelf(l.load)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			return 1
+		}
+		o.cpus = l
+	default:
+		fmt.Fprintln(os.Stderr, "bench: -cpus must be shared or split")
 		return 2
 	}
 
@@ -151,6 +181,7 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 		GoVersion:     runtime.Version(),
 		Platform:      runtime.GOOS + "/" + runtime.GOARCH,
 		CPUs:          runtime.NumCPU(),
+		CPULayout:     o.cpus.String(),
 		Duration:      o.duration.String(),
 		Streams:       o.streams,
 		Workers:       o.workers,
@@ -191,7 +222,7 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 
 	targets := []*target{{name: "direct", addr: be.addr()}}
 
-	pc, addr, metricsAddr, err := startPortcullis(ctx, dir, bin, be.addr(), o.procs)
+	pc, addr, metricsAddr, err := startPortcullis(ctx, dir, bin, be.addr(), o.procs, o.cpus)
 	if pc != nil {
 		cl.add(pc.stop)
 	}
@@ -210,7 +241,7 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 		if rep.HAProxyMaxconn < haproxyMaxconn {
 			rep.Notes = append(rep.Notes, fmt.Sprintf("haproxy maxconn lowered from %d to %d: HAProxy refuses to start unless RLIMIT_NOFILE (%d) covers 2*maxconn", haproxyMaxconn, rep.HAProxyMaxconn, lim.Cur))
 		}
-		hc, addr, err := startHAProxy(ctx, dir, path, be.addr(), rep.HAProxyMaxconn)
+		hc, addr, err := startHAProxy(ctx, dir, path, be.addr(), rep.HAProxyMaxconn, o.cpus)
 		if hc != nil {
 			cl.add(hc.stop)
 		}
@@ -244,9 +275,11 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 	// Idle memory runs first, on freshly started proxies: heap that the
 	// later phases grow and free would otherwise absorb the idle
 	// connections and hide their cost.
-	fmt.Fprintf(os.Stderr, "\n[idle] %d connections per proxy\n", o.idle)
+	if o.phases["idle"] && o.idle > 0 {
+		fmt.Fprintf(os.Stderr, "\n[idle] %d connections per proxy\n", o.idle)
+	}
 	for _, t := range targets {
-		if t.proc == nil || o.idle == 0 {
+		if t.proc == nil || o.idle == 0 || !o.phases["idle"] {
 			continue
 		}
 		if err := alive(t); err != nil {
@@ -272,6 +305,9 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 
 	round := o.duration / time.Duration(o.rounds)
 	for _, streams := range []int{1, o.streams} {
+		if !o.phases["bulk"] {
+			break
+		}
 		fmt.Fprintf(os.Stderr, "\n[bulk] %d stream(s), %d rounds of %v per target\n", streams, o.rounds, round)
 		failed, err := interleave(ctx, targets, o.rounds, func(t *target) error {
 			var r bulkResult
@@ -310,6 +346,11 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 		}
 	}
 
+	if !o.phases["rate"] {
+		rep.Seconds = time.Since(started).Seconds()
+		rep.LoadAvgEnd = loadAvg()
+		return rep, nil
+	}
 	fmt.Fprintf(os.Stderr, "\n[connection rate] %d workers, %d rounds of %v per target\n", o.workers, o.rounds, round)
 	failed, err := interleave(ctx, targets, o.rounds, func(t *target) error {
 		var r rateResult
@@ -437,7 +478,7 @@ func measureCPU(t *target, fn func() error) (proxy, load float64, err error) {
 
 // startPortcullis writes the config and starts `portcullis serve`,
 // returning once its listener accepts.
-func startPortcullis(ctx context.Context, dir, bin, backendAddr string, procs int) (c *child, addr, metricsAddr string, err error) {
+func startPortcullis(ctx context.Context, dir, bin, backendAddr string, procs int, cpus cpuLayout) (c *child, addr, metricsAddr string, err error) {
 	ports, err := freePorts(2)
 	if err != nil {
 		return nil, "", "", err
@@ -470,6 +511,9 @@ listen = %q
 		// env(1) execs in place, so the PID measured is portcullis's.
 		argv = append([]string{"env", "GOMAXPROCS=" + strconv.Itoa(procs)}, argv...)
 	}
+	if argv, err = cpus.proxyArgv(argv); err != nil {
+		return nil, "", "", err
+	}
 	c, err = startChild("portcullis", filepath.Join(dir, "portcullis.log"), argv...)
 	if err != nil {
 		return nil, "", "", err
@@ -482,7 +526,7 @@ listen = %q
 
 // startHAProxy writes a minimal SNI-routing haproxy.cfg and runs HAProxy
 // in the foreground (-db), returning once its frontend accepts.
-func startHAProxy(ctx context.Context, dir, path, backendAddr string, maxconn int) (*child, string, error) {
+func startHAProxy(ctx context.Context, dir, path, backendAddr string, maxconn int, cpus cpuLayout) (*child, string, error) {
 	ports, err := freePorts(1)
 	if err != nil {
 		return nil, "", err
@@ -511,7 +555,11 @@ backend b
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, "", err
 	}
-	c, err := startChild("haproxy", filepath.Join(dir, "haproxy.log"), path, "-f", cfgPath, "-db")
+	argv, err := cpus.proxyArgv([]string{path, "-f", cfgPath, "-db"})
+	if err != nil {
+		return nil, "", err
+	}
+	c, err := startChild("haproxy", filepath.Join(dir, "haproxy.log"), argv...)
 	if err != nil {
 		return nil, "", err
 	}

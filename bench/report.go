@@ -18,6 +18,7 @@ type report struct {
 	GoVersion      string          `json:"go_version"`
 	Platform       string          `json:"platform"`
 	CPUs           int             `json:"cpus"`
+	CPULayout      string          `json:"cpu_layout"`
 	Portcullis     string          `json:"portcullis_version"`
 	HAProxy        string          `json:"haproxy"`
 	HAProxyMaxconn int             `json:"haproxy_maxconn,omitempty"`
@@ -109,9 +110,14 @@ func (r *targetResult) addRateCPU(proxy, load float64, conns int64) {
 }
 
 func printHeader(w io.Writer, rep *report) {
-	fmt.Fprintf(w, "portcullis load benchmark: loopback only, %d CPUs shared by the load\n", rep.CPUs)
-	fmt.Fprintf(w, "generator, the TLS backend (both in this process) and the proxy under\n")
-	fmt.Fprintf(w, "test. Phases run one at a time: %s per phase and target, in %d\n", rep.Duration, rep.Rounds)
+	if rep.CPULayout == "shared" {
+		fmt.Fprintf(w, "portcullis load benchmark: loopback only, %d CPUs shared by the load\n", rep.CPUs)
+		fmt.Fprintf(w, "generator, the TLS backend (both in this process) and the proxy under\n")
+		fmt.Fprintf(w, "test. ")
+	} else {
+		fmt.Fprintf(w, "portcullis load benchmark: loopback only, %d CPUs, %s.\n", rep.CPUs, rep.CPULayout)
+	}
+	fmt.Fprintf(w, "Phases run one at a time: %s per phase and target, in %d\n", rep.Duration, rep.Rounds)
 	fmt.Fprintf(w, "rounds that alternate the targets.\n")
 	fmt.Fprintf(w, "%s %s; %s; %s\n", rep.GoVersion, rep.Platform, orUnknown(rep.Portcullis), rep.HAProxy)
 	fmt.Fprintf(w, "load average before the run: %s (anything else running skews the numbers)\n", rep.LoadAvgStart)
