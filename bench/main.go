@@ -60,7 +60,7 @@ func run(args []string) int {
 	fs.StringVar(&o.bin, "bin", "", "portcullis binary to run (default: go build the module into the temp dir)")
 	fs.IntVar(&o.procs, "proxy-procs", 0, "run portcullis with GOMAXPROCS set to this (0: the runtime's default)")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "try to raise the hard RLIMIT_NOFILE to this first (needs CAP_SYS_RESOURCE; 0: keep it)")
-	fs.BoolVar(&o.haproxySplice, "haproxy-splice", false, "give HAProxy `option splice-auto`, so it relays with splice(2) as portcullis does")
+	fs.BoolVar(&o.haproxySplice, "haproxy-splice", false, "give HAProxy `option splice-auto`, which lets it splice(2) transfers it judges worth it")
 	cpus := fs.String("cpus", "shared", "shared: every process may use every CPU; split: load generator and backend on the first half of the CPUs, proxies on the rest")
 	phases := fs.String("phases", "idle,bulk,rate", "comma-separated phases to run: idle, bulk, rate")
 	if err := fs.Parse(args); err != nil {
@@ -356,11 +356,25 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 		}
 	}
 
-	if !o.phases["rate"] {
-		rep.Seconds = time.Since(started).Seconds()
-		rep.LoadAvgEnd = loadAvg()
-		return rep, nil
+	if o.phases["rate"] {
+		if err := runRatePhase(ctx, o, p, targets, round); err != nil {
+			return rep, err
+		}
 	}
+
+	for _, t := range targets {
+		if err := alive(t); err != nil {
+			return rep, err
+		}
+	}
+	rep.Seconds = time.Since(started).Seconds()
+	rep.LoadAvgEnd = loadAvg()
+	return rep, nil
+}
+
+// runRatePhase measures new TLS connections per second against every
+// target, in alternating rounds, and adds the results to each target.
+func runRatePhase(ctx context.Context, o options, p *pki, targets []*target, round time.Duration) error {
 	fmt.Fprintf(os.Stderr, "\n[connection rate] %d workers, %d rounds of %v per target\n", o.workers, o.rounds, round)
 	failed, err := interleave(ctx, targets, o.rounds, func(t *target) error {
 		var r rateResult
@@ -379,7 +393,7 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 		return nil
 	})
 	if err != nil {
-		return rep, err
+		return err
 	}
 	for t := range failed {
 		t.res.Rate = nil
@@ -392,15 +406,7 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 			fmt.Fprintf(os.Stderr, "  %-10s %8.0f connections/s (%d failed)\n", t.name, r.PerSec, r.Errors)
 		}
 	}
-
-	for _, t := range targets {
-		if err := alive(t); err != nil {
-			return rep, err
-		}
-	}
-	rep.Seconds = time.Since(started).Seconds()
-	rep.LoadAvgEnd = loadAvg()
-	return rep, nil
+	return nil
 }
 
 // interleave runs one measurement per target per round, rotating the
