@@ -126,8 +126,10 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 			TrustForwarded: containsAddr(lc.forwardedTrusted, peer.Addr()),
 			SNI:            sni,
 		})
-		s.log.Info("connection", "listener", lc.name, "client", client, "sni", sni,
-			"route", r.sni, "mode", "l7", "backend", r.backend, "duration", time.Since(start))
+		s.log.LogAttrs(context.Background(), slog.LevelInfo, "connection",
+			slog.String("listener", lc.name), slog.Any("client", client), slog.String("sni", sni),
+			slog.String("route", r.sni), slog.String("mode", "l7"), slog.String("backend", r.backend),
+			slog.Duration("duration", time.Since(start)))
 		return
 	}
 
@@ -166,9 +168,13 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		res.toBackend += int64(helloLen)
 		r.m.toBackend.Add(float64(res.toBackend))
 		r.m.toClient.Add(float64(res.toClient))
-		s.log.Info("connection", "listener", lc.name, "client", client, "sni", sni,
-			"route", r.sni, "backend", r.backend, "bytes_in", res.toBackend, "bytes_out", res.toClient,
-			"duration", time.Since(start), "end", res.end)
+		// LogAttrs: no per-connection boxing of the values, and nothing
+		// built at all when info lines are off.
+		s.log.LogAttrs(context.Background(), slog.LevelInfo, "connection",
+			slog.String("listener", lc.name), slog.Any("client", client), slog.String("sni", sni),
+			slog.String("route", r.sni), slog.String("backend", r.backend),
+			slog.Int64("bytes_in", res.toBackend), slog.Int64("bytes_out", res.toClient),
+			slog.Duration("duration", time.Since(start)), slog.String("end", res.end))
 		closeConn()
 	})
 }
