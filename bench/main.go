@@ -37,6 +37,7 @@ type options struct {
 	bin      string
 	nofile   uint64
 	procs    int
+	godebug  string
 	phases   map[string]bool
 	cpus     cpuLayout
 
@@ -59,6 +60,7 @@ func run(args []string) int {
 	fs.IntVar(&o.rounds, "rounds", 5, "split each bulk and rate phase into this many rounds, alternating the targets")
 	fs.StringVar(&o.bin, "bin", "", "portcullis binary to run (default: go build the module into the temp dir)")
 	fs.IntVar(&o.procs, "proxy-procs", 0, "run portcullis with GOMAXPROCS set to this (0: the runtime's default)")
+	fs.StringVar(&o.godebug, "proxy-godebug", "", "run portcullis with GODEBUG set to this")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "try to raise the hard RLIMIT_NOFILE to this first (needs CAP_SYS_RESOURCE; 0: keep it)")
 	fs.BoolVar(&o.haproxySplice, "haproxy-splice", false, "give HAProxy `option splice-auto`, which lets it splice(2) transfers it judges worth it")
 	cpus := fs.String("cpus", "shared", "shared: every process may use every CPU; split: load generator and backend on the first half of the CPUs, proxies on the rest")
@@ -185,6 +187,7 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 		Platform:      runtime.GOOS + "/" + runtime.GOARCH,
 		CPUs:          runtime.NumCPU(),
 		CPULayout:     o.cpus.String(),
+		PortcullisEnv: strings.Join(portcullisEnv(o.procs, o.godebug), " "),
 		Duration:      o.duration.String(),
 		Streams:       o.streams,
 		Workers:       o.workers,
@@ -225,7 +228,7 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 
 	targets := []*target{{name: "direct", addr: be.addr()}}
 
-	pc, addr, metricsAddr, err := startPortcullis(ctx, dir, bin, be.addr(), o.procs, o.cpus)
+	pc, addr, metricsAddr, err := startPortcullis(ctx, dir, bin, be.addr(), o.procs, o.godebug, o.cpus)
 	if pc != nil {
 		cl.add(pc.stop)
 	}
@@ -494,7 +497,7 @@ func measureCPU(t *target, fn func() error) (proxy, load float64, err error) {
 
 // startPortcullis writes the config and starts `portcullis serve`,
 // returning once its listener accepts.
-func startPortcullis(ctx context.Context, dir, bin, backendAddr string, procs int, cpus cpuLayout) (c *child, addr, metricsAddr string, err error) {
+func startPortcullis(ctx context.Context, dir, bin, backendAddr string, procs int, godebug string, cpus cpuLayout) (c *child, addr, metricsAddr string, err error) {
 	ports, err := freePorts(2)
 	if err != nil {
 		return nil, "", "", err
@@ -523,9 +526,9 @@ listen = %q
 		return nil, "", "", err
 	}
 	argv := []string{bin, "serve", "-config", path, "-log-level", "error"}
-	if procs > 0 {
+	if env := portcullisEnv(procs, godebug); env != nil {
 		// env(1) execs in place, so the PID measured is portcullis's.
-		argv = append([]string{"env", "GOMAXPROCS=" + strconv.Itoa(procs)}, argv...)
+		argv = append(append([]string{"env"}, env...), argv...)
 	}
 	if argv, err = cpus.proxyArgv(argv); err != nil {
 		return nil, "", "", err
@@ -538,6 +541,19 @@ listen = %q
 		return c, "", "", err
 	}
 	return c, addr, metricsAddr, nil
+}
+
+// portcullisEnv is what -proxy-procs and -proxy-godebug add to
+// portcullis's environment.
+func portcullisEnv(procs int, godebug string) []string {
+	var env []string
+	if procs > 0 {
+		env = append(env, "GOMAXPROCS="+strconv.Itoa(procs))
+	}
+	if godebug != "" {
+		env = append(env, "GODEBUG="+godebug)
+	}
+	return env
 }
 
 // startHAProxy writes a minimal SNI-routing haproxy.cfg and runs HAProxy

@@ -19,6 +19,7 @@ type report struct {
 	Platform       string          `json:"platform"`
 	CPUs           int             `json:"cpus"`
 	CPULayout      string          `json:"cpu_layout"`
+	PortcullisEnv  string          `json:"portcullis_env,omitempty"`
 	Portcullis     string          `json:"portcullis_version"`
 	HAProxy        string          `json:"haproxy"`
 	HAProxyMaxconn int             `json:"haproxy_maxconn,omitempty"`
@@ -120,6 +121,9 @@ func printHeader(w io.Writer, rep *report) {
 	fmt.Fprintf(w, "Phases run one at a time: %s per phase and target, in %d\n", rep.Duration, rep.Rounds)
 	fmt.Fprintf(w, "rounds that alternate the targets.\n")
 	fmt.Fprintf(w, "%s %s; %s; %s\n", rep.GoVersion, rep.Platform, orUnknown(rep.Portcullis), rep.HAProxy)
+	if rep.PortcullisEnv != "" {
+		fmt.Fprintf(w, "portcullis runs with %s\n", rep.PortcullisEnv)
+	}
 	fmt.Fprintf(w, "load average before the run: %s (anything else running skews the numbers)\n", rep.LoadAvgStart)
 }
 
