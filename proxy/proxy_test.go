@@ -354,8 +354,10 @@ func TestRelayUsesSplice(t *testing.T) {
 		io.Copy(io.Discard, c)
 	})
 	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("splice.test", backend))
-	// Earlier relays leave pipes in the runtime's pool; let the GC close
-	// them so the count below only sees pipes held by these relays.
+	// Earlier socket-to-socket copies in this process (the runtime's own
+	// splice, behind io.Copy) leave pipes in the runtime's pool; let the
+	// GC close them so the count below only sees pipes held by these
+	// relays.
 	settle := func() int {
 		before := countPipes(t)
 		for i := 0; i < 20; i++ {

@@ -25,10 +25,10 @@ type relayResult struct {
 // shuts its write side still receives the whole reply. Neither goroutine
 // outlives the connection.
 //
-// The arguments are *net.TCPConn on purpose: (*net.TCPConn).ReadFrom with
-// a *net.TCPConn source is what lets the runtime use splice(2), so bulk
-// payload never enters user space. Wrapping either side would silently
-// fall back to a read/write loop through a buffer.
+// The arguments are *net.TCPConn on purpose: the relay works on the
+// sockets themselves (their file descriptors, through syscall.RawConn),
+// which is what lets bulk payload move with splice(2) and never enter
+// user space. A wrapped connection would have no socket to splice.
 func startRelay(client, backend *net.TCPConn, idle time.Duration, finish func(relayResult)) {
 	j := &relayJob{client: client, backend: backend, idle: idle, act: newActivity(client, backend), finish: finish}
 	j.pending.Store(2)
@@ -95,8 +95,8 @@ var chunks = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b
 // period. When it fires, the kernel's per-socket receive counters tell
 // whether anything moved on either socket in either direction since the
 // last check; only a connection silent in both directions for the whole
-// period is closed. Read deadlines are safe with splice: a timeout ends
-// the copy between chunks, never with bytes held in the pipe.
+// period is closed. Read deadlines are safe with splice: a timeout can
+// only interrupt the wait for src, when the pipe is empty (see splicer).
 func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activity) (int64, string) {
 	var total int64
 	tick := idle / 4
@@ -107,15 +107,23 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 	var lastSeen uint64
 	lastChange := time.Now()
 	var armed time.Time // the read deadline now set on src
-	spliced := false
 	rc, err := src.SyscallConn()
-	if err != nil {
-		spliced = true
+	var wrc syscall.RawConn
+	if err == nil {
+		wrc, err = dst.SyscallConn()
 	}
-	wrc, err := dst.SyscallConn()
-	if err != nil {
-		spliced = true
+	if err != nil { // only for a connection already closed
+		act.close(endReason(err, srcName))
+		src.Close()
+		dst.Close()
+		return 0, act.reason()
 	}
+	var sp *splicer // from the first full chunk on
+	defer func() {
+		if sp != nil {
+			sp.close()
+		}
+	}()
 	cr := &chunkReader{}
 	read := cr.read // one method value per direction, not one per chunk
 	for {
@@ -129,15 +137,14 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 		}
 		var n int64
 		var err error
-		if spliced {
-			n, err = dst.ReadFrom(src)
-			if err == nil {
-				err = io.EOF // ReadFrom ends cleanly only at src's EOF
-			}
+		if sp != nil {
+			n, err = sp.chunk()
 		} else {
 			var full bool
 			n, full, err = copyChunk(wrc, rc, cr, read)
-			spliced = full
+			if full {
+				sp = newSplicer(dst, src, rc, wrc)
+			}
 		}
 		total += n
 		if n > 0 {
@@ -256,9 +263,9 @@ func (cw *chunkWriter) write(fd uintptr) bool {
 }
 
 // closeWrite half-closes dst with a raw shutdown(2) (see rawRead), or
-// through the net package if the raw socket is not at hand.
+// through the net package if the socket is already closed.
 func closeWrite(dst *net.TCPConn, rc syscall.RawConn) {
-	if rc == nil || rc.Control(func(fd uintptr) {
+	if rc.Control(func(fd uintptr) {
 		syscall.RawSyscall(syscall.SYS_SHUTDOWN, fd, syscall.SHUT_WR, 0)
 	}) != nil {
 		dst.CloseWrite()

@@ -1,0 +1,145 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxSplice is the most one chunk moves; the pipe is sized to hold it.
+const maxSplice = 1 << 20
+
+var errSpliceStalled = errors.New("splice: pipe holds data the kernel will not move")
+
+// splicer moves one direction's bulk data socket → pipe → socket with
+// splice(2), so the payload never enters user space. Like the
+// small-message path it calls the kernel directly (see rawRead) and
+// waits for readiness through the sockets' RawConns, so deadlines and
+// closes interrupt it as they do a read or a write. The pipe is made on
+// the first chunk and kept until the direction ends; it is empty
+// between chunks.
+type splicer struct {
+	src, dst syscall.RawConn
+	rfd, wfd int // the pipe's ends; -1 until the first chunk
+
+	inPipe, moved int
+	err           error
+	drain, pump   func(uintptr) bool // method values made once, not per chunk
+}
+
+func newSplicer(_, _ *net.TCPConn, src, dst syscall.RawConn) *splicer {
+	// The connections are for platforms without splice(2); see
+	// splice_other.go.
+	s := &splicer{src: src, dst: dst, rfd: -1, wfd: -1}
+	s.drain, s.pump = s.drainInto, s.pumpOut
+	return s
+}
+
+// chunk moves what src holds now, up to maxSplice bytes, through the
+// pipe to dst. It returns io.EOF at src's end of stream.
+func (s *splicer) chunk() (int64, error) {
+	if s.rfd < 0 {
+		if err := s.open(); err != nil {
+			return 0, err
+		}
+	}
+	s.inPipe, s.moved, s.err = 0, 0, nil
+	if err := s.src.Read(s.drain); err != nil {
+		return 0, err
+	}
+	if s.err != nil {
+		return 0, os.NewSyscallError("splice", s.err)
+	}
+	if s.inPipe == 0 {
+		return 0, io.EOF
+	}
+	err := s.dst.Write(s.pump)
+	switch {
+	case err != nil:
+	case s.err == errSpliceStalled:
+		err = s.err
+	case s.err != nil:
+		err = os.NewSyscallError("splice", s.err)
+	}
+	return int64(s.moved), err
+}
+
+// drainInto is handed to src's RawConn.Read: one splice from the socket
+// into the empty pipe; false (wait for readability) when there is
+// nothing to read yet.
+func (s *splicer) drainInto(fd uintptr) bool {
+	for {
+		n, err := rawSplice(int(fd), s.wfd, maxSplice)
+		switch err {
+		case nil:
+			s.inPipe = n
+			return true
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		default:
+			s.err = err
+			return true
+		}
+	}
+}
+
+// pumpOut is handed to dst's RawConn.Write: splice the pipe into the
+// socket until it is empty, waiting for room when the socket is full.
+func (s *splicer) pumpOut(fd uintptr) bool {
+	for s.inPipe > 0 {
+		n, err := rawSplice(s.rfd, int(fd), s.inPipe)
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return false
+		case err != nil:
+			s.err = err
+			return true
+		case n == 0:
+			s.err = errSpliceStalled
+			return true
+		}
+		s.inPipe -= n
+		s.moved += n
+	}
+	return true
+}
+
+func (s *splicer) open() error {
+	var p [2]int32
+	if _, _, e := syscall.RawSyscall(unix.SYS_PIPE2, uintptr(unsafe.Pointer(&p)), syscall.O_CLOEXEC|syscall.O_NONBLOCK, 0); e != 0 {
+		return os.NewSyscallError("pipe2", e)
+	}
+	s.rfd, s.wfd = int(p[0]), int(p[1])
+	// A larger pipe moves a bulk burst in one call. Failing to grow it
+	// (an unprivileged user over fs.pipe-user-pages-soft) only means
+	// more calls.
+	syscall.RawSyscall(unix.SYS_FCNTL, uintptr(s.rfd), unix.F_SETPIPE_SZ, maxSplice)
+	return nil
+}
+
+// close releases the pipe; whatever it still holds belonged to a
+// connection that is failing anyway.
+func (s *splicer) close() {
+	if s.rfd >= 0 {
+		syscall.RawSyscall(syscall.SYS_CLOSE, uintptr(s.rfd), 0, 0)
+		syscall.RawSyscall(syscall.SYS_CLOSE, uintptr(s.wfd), 0, 0)
+		s.rfd, s.wfd = -1, -1
+	}
+}
+
+func rawSplice(in, out, n int) (int, error) {
+	r, _, e := syscall.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), unix.SPLICE_F_NONBLOCK)
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}

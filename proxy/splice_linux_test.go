@@ -1,0 +1,116 @@
+package proxy
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// tcpPair is a connected pair of loopback sockets.
+func tcpPair(t *testing.T) (a, b *net.TCPConn) {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	a, err = net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err = ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a, b
+}
+
+// TestSplicerMovesStreamIntact drives the splicer chunk by chunk from
+// one socket to another whose reader starts late, so the pump finds the
+// destination full and must wait for room; every byte must arrive once,
+// in order, and the end of the source must come back as io.EOF.
+func TestSplicerMovesStreamIntact(t *testing.T) {
+	writer, src := tcpPair(t)
+	dst, reader := tcpPair(t)
+	dst.SetWriteBuffer(64 << 10)
+	reader.SetReadBuffer(64 << 10)
+
+	data := make([]byte, 8<<20)
+	for i := range data {
+		data[i] = byte(i * 31)
+	}
+	go func() {
+		writer.Write(data)
+		writer.CloseWrite()
+	}()
+	got := make(chan [32]byte, 1)
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		h := sha256.New()
+		reader.SetReadDeadline(time.Now().Add(time.Minute))
+		io.Copy(h, reader)
+		var sum [32]byte
+		copy(sum[:], h.Sum(nil))
+		got <- sum
+	}()
+
+	rc, _ := src.SyscallConn()
+	wrc, _ := dst.SyscallConn()
+	sp := newSplicer(dst, src, rc, wrc)
+	defer sp.close()
+	src.SetReadDeadline(time.Now().Add(time.Minute))
+	dst.SetWriteDeadline(time.Now().Add(time.Minute))
+	var total int64
+	for {
+		n, err := sp.chunk()
+		total += n
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d bytes: %v", total, err)
+		}
+	}
+	if sp.rfd < 0 {
+		t.Fatal("no pipe was used")
+	}
+	dst.CloseWrite()
+	if total != int64(len(data)) {
+		t.Fatalf("moved %d bytes, want %d", total, len(data))
+	}
+	if sum := <-got; !bytes.Equal(sum[:], func() []byte { s := sha256.Sum256(data); return s[:] }()) {
+		t.Fatal("the bytes that arrived differ from those sent")
+	}
+	sp.close()
+	if sp.rfd != -1 || sp.wfd != -1 {
+		t.Fatal("close left the pipe open")
+	}
+}
+
+// TestSplicerReportsDeadline: a source that stays silent ends the wait
+// at its read deadline with the pipe empty, as the idle check expects.
+func TestSplicerReportsDeadline(t *testing.T) {
+	_, src := tcpPair(t)
+	dst, _ := tcpPair(t)
+	rc, _ := src.SyscallConn()
+	wrc, _ := dst.SyscallConn()
+	sp := newSplicer(dst, src, rc, wrc)
+	defer sp.close()
+	src.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	n, err := sp.chunk()
+	if n != 0 || !isTimeout(err) {
+		t.Fatalf("silent source: %d bytes, err %v; want 0 and a timeout", n, err)
+	}
+	if sp.inPipe != 0 {
+		t.Fatalf("%d bytes left in the pipe", sp.inPipe)
+	}
+}
+
+func isTimeout(err error) bool {
+	ne, ok := err.(net.Error)
+	return ok && ne.Timeout()
+}

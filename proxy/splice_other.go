@@ -1,0 +1,27 @@
+//go:build !linux
+
+package proxy
+
+import (
+	"io"
+	"net"
+	"syscall"
+)
+
+// splicer hands the rest of a bulk direction to the runtime's own copy,
+// which uses whatever zero-copy path the platform has.
+type splicer struct{ dst, src *net.TCPConn }
+
+func newSplicer(dst, src *net.TCPConn, _, _ syscall.RawConn) *splicer {
+	return &splicer{dst: dst, src: src}
+}
+
+func (s *splicer) chunk() (int64, error) {
+	n, err := s.dst.ReadFrom(s.src)
+	if err == nil {
+		err = io.EOF // ReadFrom ends cleanly only at src's EOF
+	}
+	return n, err
+}
+
+func (s *splicer) close() {}
