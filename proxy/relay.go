@@ -107,25 +107,13 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 	var lastSeen uint64
 	lastChange := time.Now()
 	var armed time.Time // the read deadline now set on src
-	rc, err := src.SyscallConn()
-	var wrc syscall.RawConn
-	if err == nil {
-		wrc, err = dst.SyscallConn()
-	}
+	d, err := newDirection(dst, src)
 	if err != nil { // only for a connection already closed
 		act.close(endReason(err, srcName))
 		src.Close()
 		dst.Close()
 		return 0, act.reason()
 	}
-	var sp *splicer // from the first full chunk on
-	defer func() {
-		if sp != nil {
-			sp.close()
-		}
-	}()
-	cr := &chunkReader{}
-	read := cr.read // one method value per direction, not one per chunk
 	for {
 		if idle > 0 {
 			// Re-arming costs a timer update; do it only when the
@@ -135,17 +123,7 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 				src.SetReadDeadline(armed)
 			}
 		}
-		var n int64
-		var err error
-		if sp != nil {
-			n, err = sp.chunk()
-		} else {
-			var full bool
-			n, full, err = copyChunk(wrc, rc, cr, read)
-			if full {
-				sp = newSplicer(dst, src, rc, wrc)
-			}
-		}
+		n, err := d.step()
 		total += n
 		if n > 0 {
 			lastChange = time.Now()
@@ -154,13 +132,15 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 			continue
 		}
 		if err == io.EOF {
-			closeWrite(dst, wrc)
+			d.sp.close()
+			closeWrite(dst, d.wrc)
 			return total, "done"
 		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) || act.closed() {
 			// Record why before closing: closing wakes the other
 			// direction with "use of closed connection", which is a
 			// consequence, not the cause.
+			d.sp.close()
 			act.close(endReason(err, srcName))
 			src.Close()
 			dst.Close()
@@ -173,12 +153,54 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 			continue
 		}
 		if now.Sub(lastChange) >= idle {
+			d.sp.close()
 			act.close("idle_timeout")
 			src.Close()
 			dst.Close()
 			return total, act.reason()
 		}
 	}
+}
+
+// direction is one direction's copying state. It lives on the heap, not
+// in pipe's frame: every byte of that frame is on the stack of each idle
+// relay goroutine, and a frame a little larger pushes them past their
+// first 2 KiB of stack.
+type direction struct {
+	dst, src *net.TCPConn
+	rc, wrc  syscall.RawConn
+	cr       chunkReader
+	cw       chunkWriter
+	read     func(uintptr) bool // cr.read and cw.write, made once
+	write    func(uintptr) bool
+	sp       *splicer // from the first full chunk on
+}
+
+//go:noinline (see direction)
+func newDirection(dst, src *net.TCPConn) (*direction, error) {
+	d := &direction{dst: dst, src: src}
+	var err error
+	if d.rc, err = src.SyscallConn(); err != nil {
+		return nil, err
+	}
+	if d.wrc, err = dst.SyscallConn(); err != nil {
+		return nil, err
+	}
+	d.read, d.write = d.cr.read, d.cw.write
+	return d, nil
+}
+
+// step copies one chunk: by read/write until a read fills a whole
+// chunk, by splice from then on.
+func (d *direction) step() (int64, error) {
+	if d.sp != nil {
+		return d.sp.chunk()
+	}
+	n, full, err := copyChunk(d.wrc, d.rc, &d.cr, d.read, &d.cw, d.write)
+	if full {
+		d.sp = newSplicer(d.dst, d.src, d.rc, d.wrc)
+	}
+	return n, err
 }
 
 // chunkReader reads one chunk from a raw socket into a pooled buffer.
@@ -210,7 +232,7 @@ func (cr *chunkReader) read(fd uintptr) bool {
 // copyChunk waits until src is readable, reads once and writes what it
 // got to dst. full reports a read that filled the buffer. It returns
 // io.EOF at src's end of stream.
-func copyChunk(dstRC, src syscall.RawConn, cr *chunkReader, read func(uintptr) bool) (n int64, full bool, err error) {
+func copyChunk(dstRC, src syscall.RawConn, cr *chunkReader, read func(uintptr) bool, cw *chunkWriter, write func(uintptr) bool) (n int64, full bool, err error) {
 	if err := src.Read(read); err != nil {
 		if cr.buf != nil {
 			chunks.Put(cr.buf)
@@ -220,21 +242,21 @@ func copyChunk(dstRC, src syscall.RawConn, cr *chunkReader, read func(uintptr) b
 	}
 	buf := cr.buf
 	cr.buf = nil
-	defer chunks.Put(buf)
-	if cr.err != nil {
-		return 0, false, os.NewSyscallError("read", cr.err)
-	}
-	if cr.got == 0 {
+	if cr.err != nil || cr.got == 0 {
+		chunks.Put(buf)
+		if cr.err != nil {
+			return 0, false, os.NewSyscallError("read", cr.err)
+		}
 		return 0, false, io.EOF
 	}
-	cw := chunkWriter{p: (*buf)[:cr.got]}
-	if err := dstRC.Write(cw.write); err != nil {
-		return int64(cw.n), false, err
+	*cw = chunkWriter{p: (*buf)[:cr.got]}
+	err = dstRC.Write(write)
+	cw.p = nil
+	chunks.Put(buf)
+	if err == nil && cw.err != nil {
+		err = os.NewSyscallError("write", cw.err)
 	}
-	if cw.err != nil {
-		return int64(cw.n), false, os.NewSyscallError("write", cw.err)
-	}
-	return int64(cw.n), cr.got == len(*buf), nil
+	return int64(cw.n), err == nil && cr.got == len(*buf), err
 }
 
 // chunkWriter writes one chunk to a raw socket, waiting for room when

@@ -32,6 +32,7 @@ type splicer struct {
 	drain, pump   func(uintptr) bool // method values made once, not per chunk
 }
 
+//go:noinline (keeps pipe's frame, and so every relay goroutine's stack, small)
 func newSplicer(_, _ *net.TCPConn, src, dst syscall.RawConn) *splicer {
 	// The connections are for platforms without splice(2); see
 	// splice_other.go.
@@ -126,10 +127,11 @@ func (s *splicer) open() error {
 	return nil
 }
 
-// close releases the pipe; whatever it still holds belonged to a
-// connection that is failing anyway.
+// close releases the pipe, if any; whatever it still holds belonged to
+// a connection that is failing anyway. A nil splicer has nothing to
+// release.
 func (s *splicer) close() {
-	if s.rfd >= 0 {
+	if s != nil && s.rfd >= 0 {
 		syscall.RawSyscall(syscall.SYS_CLOSE, uintptr(s.rfd), 0, 0)
 		syscall.RawSyscall(syscall.SYS_CLOSE, uintptr(s.wfd), 0, 0)
 		s.rfd, s.wfd = -1, -1
