@@ -14,21 +14,7 @@ import (
 // says EAGAIN, and the writer must wait for room and carry on where it
 // stopped, so every byte arrives once and in order.
 func TestChunkWriterWaitsForRoom(t *testing.T) {
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	sender, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sender.Close()
-	receiver, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer receiver.Close()
+	sender, receiver := tcpPair(t)
 	sender.SetWriteBuffer(64 << 10)
 	receiver.SetReadBuffer(64 << 10)
 
@@ -70,20 +56,7 @@ func TestChunkWriterWaitsForRoom(t *testing.T) {
 // TestChunkWriterReportsReset: a peer that is gone makes the raw write
 // fail with the errno the relay's end reasons look for.
 func TestChunkWriterReportsReset(t *testing.T) {
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	sender, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sender.Close()
-	receiver, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
+	sender, receiver := tcpPair(t)
 	receiver.SetLinger(0)
 	receiver.Close() // RST
 	rc, err := sender.SyscallConn()
@@ -105,4 +78,24 @@ func TestChunkWriterReportsReset(t *testing.T) {
 	if r := endReason(cw.err, "backend"); r != "backend_reset" && r != "client_reset" {
 		t.Fatalf("end reason %q", r)
 	}
+}
+
+// tcpPair is a connected pair of loopback sockets.
+func tcpPair(t *testing.T) (a, b *net.TCPConn) {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	a, err = net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err = ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a, b
 }

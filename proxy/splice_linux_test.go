@@ -9,26 +9,6 @@ import (
 	"time"
 )
 
-// tcpPair is a connected pair of loopback sockets.
-func tcpPair(t *testing.T) (a, b *net.TCPConn) {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	a, err = net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err = ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close(); b.Close() })
-	return a, b
-}
-
 // TestSplicerMovesStreamIntact drives the splicer chunk by chunk from
 // one socket to another whose reader starts late, so the pump finds the
 // destination full and must wait for room; every byte must arrive once,
