@@ -487,6 +487,13 @@ func fieldValue(fs []hpack.HeaderField, name string) string {
 	return ""
 }
 
+// dialRelay serves a handler made with o behind a test proxy and
+// connects a raw HTTP/2 client to it over TLS.
+func dialRelay(t *testing.T, pki *testPKI, o Options) *h2Peer {
+	t.Helper()
+	return dialRaw(t, pki, startProxy(t, newTestHandler(t, pki, o), false).addr)
+}
+
 // dialRaw opens a raw h2 connection to the proxy, sends the preface with
 // settings, and reads the relay's SETTINGS, which must come first. A
 // SETTINGS_HEADER_TABLE_SIZE among settings also sizes its HPACK decoder.
@@ -935,9 +942,7 @@ func TestRelayTimeoutDropsLateResponse(t *testing.T) {
 		}
 	})
 	m := NewMetrics(prometheus.NewRegistry())
-	h := newTestHandler(t, pki, Options{Backend: addr, Protocol: "h2c", ResponseTimeout: relayTestTimeout, Metrics: m})
-	paddr := startProxy(t, h, false).addr
-	p := dialRaw(t, pki, paddr)
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c", ResponseTimeout: relayTestTimeout, Metrics: m})
 
 	p.get(1, "/slow")
 	s1 := p.response(1)
@@ -1007,9 +1012,7 @@ func TestRelayOwnBodyKeepsClientWindow(t *testing.T) {
 		for p.step() == nil {
 		}
 	})
-	h := newTestHandler(t, pki, Options{Backend: addr, Protocol: "h2c", ResponseTimeout: relayTestTimeout})
-	paddr := startProxy(t, h, false).addr
-	p := dialRaw(t, pki, paddr) // a 65535-byte window, never raised until said
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c", ResponseTimeout: relayTestTimeout}) // a 65535-byte window, never raised until said
 
 	p.get(1, "/slow")
 	s1 := p.response(1)
@@ -1299,9 +1302,7 @@ func TestRelayBackendConnectionDies(t *testing.T) {
 		}
 	})
 	m := NewMetrics(prometheus.NewRegistry())
-	h := newTestHandler(t, pki, Options{Backend: addr, Protocol: "h2c", Metrics: m})
-	paddr := startProxy(t, h, false).addr
-	p := dialRaw(t, pki, paddr)
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c", Metrics: m})
 
 	p.get(1, "/doomed")
 	s := p.response(1)
@@ -1335,9 +1336,7 @@ func TestRelayBackendDiesCountsEveryRequest(t *testing.T) {
 		}
 	})
 	m := NewMetrics(prometheus.NewRegistry())
-	h := newTestHandler(t, pki, Options{Backend: addr, Protocol: "h2c", Metrics: m})
-	paddr := startProxy(t, h, false).addr
-	p := dialRaw(t, pki, paddr)
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c", Metrics: m})
 
 	p.get(1, "/a")
 	p.get(3, "/b")
@@ -1979,9 +1978,7 @@ func TestRelayMalformedResponseHeaders(t *testing.T) {
 		})
 	})
 	m := NewMetrics(prometheus.NewRegistry())
-	h := newTestHandler(t, pki, Options{Backend: addr, Protocol: "h2c", Metrics: m})
-	paddr := startProxy(t, h, false).addr
-	p := dialRaw(t, pki, paddr)
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c", Metrics: m})
 
 	for _, tc := range []struct {
 		id   uint32
@@ -2236,9 +2233,7 @@ func TestRelayBackendRefusedStream(t *testing.T) {
 		})
 	})
 	m := NewMetrics(prometheus.NewRegistry())
-	h := newTestHandler(t, pki, Options{Backend: addr, Protocol: "h2c", Metrics: m})
-	paddr := startProxy(t, h, false).addr
-	p := dialRaw(t, pki, paddr)
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c", Metrics: m})
 	p.get(1, "/refused")
 	if s := p.response(1); s.rst == nil || *s.rst != http2.ErrCodeRefusedStream || s.header != nil {
 		t.Fatalf("stream 1: rst %v header %v, want RST_STREAM REFUSED_STREAM", s.rst, s.header)
@@ -2270,9 +2265,7 @@ func TestRelayDefaultMaxFrameSize(t *testing.T) {
 			p.writeHeaders(id, true, fields(":status", "200"))
 		})
 	})
-	h := newTestHandler(t, pki, Options{Backend: addr, Protocol: "h2c"})
-	paddr := startProxy(t, h, false).addr
-	p := dialRaw(t, pki, paddr)
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c"})
 	if v, ok := p.settings[http2.SettingMaxFrameSize]; ok {
 		t.Fatalf("relay advertised MAX_FRAME_SIZE %d, though the backend did not", v)
 	}
