@@ -400,4 +400,28 @@ func getStatus(t *testing.T, c *http.Client, url string) (int, string) {
 	return res.StatusCode, string(b)
 }
 
+// getResult is the outcome of a GET run in the background.
+type getResult struct {
+	code int
+	body string
+	err  error
+}
+
+// getAsync runs GET url on c in a goroutine of its own, for a test that
+// acts while the request is in flight.
+func getAsync(c *http.Client, url string) <-chan getResult {
+	done := make(chan getResult, 1)
+	go func() {
+		res, err := c.Get(url)
+		if err != nil {
+			done <- getResult{err: err}
+			return
+		}
+		b, err := io.ReadAll(res.Body)
+		res.Body.Close()
+		done <- getResult{res.StatusCode, string(b), err}
+	}()
+	return done
+}
+
 func nopLogger() *log.Logger { return log.New(io.Discard, "", 0) }

@@ -573,22 +573,7 @@ func TestServeConnDrain(t *testing.T) {
 			p := startProxy(t, h, false)
 			c, _ := newClient(t, pki, p.addr, tt.h2, "")
 
-			type result struct {
-				code int
-				body string
-				err  error
-			}
-			done := make(chan result, 1)
-			go func() {
-				res, err := c.Get(url + "/")
-				if err != nil {
-					done <- result{err: err}
-					return
-				}
-				b, err := io.ReadAll(res.Body)
-				res.Body.Close()
-				done <- result{res.StatusCode, string(b), err}
-			}()
+			done := getAsync(c, url+"/")
 			<-started
 			// Cancelling ServeConn's context drains: the request in
 			// flight still completes...

@@ -1252,22 +1252,7 @@ func TestRelayBackendGoAway(t *testing.T) {
 	addr := startProxy(t, h, false).addr
 	c, dials := newClient(t, pki, addr, true, "")
 
-	type result struct {
-		code int
-		body string
-		err  error
-	}
-	first := make(chan result, 1)
-	go func() {
-		res, err := c.Get(url + "/first")
-		if err != nil {
-			first <- result{err: err}
-			return
-		}
-		b, err := io.ReadAll(res.Body)
-		res.Body.Close()
-		first <- result{res.StatusCode, string(b), err}
-	}()
+	first := getAsync(c, url+"/first")
 	recv(t, started, "the first request at the backend")
 	shutdown := make(chan error, 1)
 	go func() { shutdown <- srvA.Shutdown(context.Background()) }()
