@@ -133,18 +133,14 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 		}
 		if err == io.EOF {
 			d.sp.close()
-			closeWrite(dst, d.wrc)
+			d.closeWrite()
 			return total, "done"
 		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) || act.closed() {
 			// Record why before closing: closing wakes the other
 			// direction with "use of closed connection", which is a
 			// consequence, not the cause.
-			d.sp.close()
-			act.close(endReason(err, srcName))
-			src.Close()
-			dst.Close()
-			return total, act.reason()
+			return total, d.fail(act, endReason(err, srcName))
 		}
 		armed = time.Time{}
 		now := time.Now()
@@ -153,11 +149,7 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 			continue
 		}
 		if now.Sub(lastChange) >= idle {
-			d.sp.close()
-			act.close("idle_timeout")
-			src.Close()
-			dst.Close()
-			return total, act.reason()
+			return total, d.fail(act, "idle_timeout")
 		}
 	}
 }
@@ -196,11 +188,29 @@ func (d *direction) step() (int64, error) {
 	if d.sp != nil {
 		return d.sp.chunk()
 	}
-	n, full, err := copyChunk(d.wrc, d.rc, &d.cr, d.read, &d.cw, d.write)
+	n, full, err := d.copyChunk()
 	if full {
-		d.sp = newSplicer(d.dst, d.src, d.rc, d.wrc)
+		d.sp = newSplicer(d)
 	}
 	return n, err
+}
+
+// fail ends the direction for reason and closes both sockets, which also
+// wakes the other direction.
+func (d *direction) fail(act *activity, reason string) string {
+	d.sp.close()
+	act.close(reason)
+	d.src.Close()
+	d.dst.Close()
+	return act.reason()
+}
+
+// closeWrite half-closes dst with a raw shutdown(2) (see rawRead). A
+// socket already closed has nothing left to half-close.
+func (d *direction) closeWrite() {
+	d.wrc.Control(func(fd uintptr) {
+		syscall.RawSyscall(syscall.SYS_SHUTDOWN, fd, syscall.SHUT_WR, 0)
+	})
 }
 
 // chunkReader reads one chunk from a raw socket into a pooled buffer.
@@ -232,8 +242,9 @@ func (cr *chunkReader) read(fd uintptr) bool {
 // copyChunk waits until src is readable, reads once and writes what it
 // got to dst. full reports a read that filled the buffer. It returns
 // io.EOF at src's end of stream.
-func copyChunk(dstRC, src syscall.RawConn, cr *chunkReader, read func(uintptr) bool, cw *chunkWriter, write func(uintptr) bool) (n int64, full bool, err error) {
-	if err := src.Read(read); err != nil {
+func (d *direction) copyChunk() (n int64, full bool, err error) {
+	cr, cw := &d.cr, &d.cw
+	if err := d.rc.Read(d.read); err != nil {
 		if cr.buf != nil {
 			chunks.Put(cr.buf)
 			cr.buf = nil
@@ -250,7 +261,7 @@ func copyChunk(dstRC, src syscall.RawConn, cr *chunkReader, read func(uintptr) b
 		return 0, false, io.EOF
 	}
 	*cw = chunkWriter{p: (*buf)[:cr.got]}
-	err = dstRC.Write(write)
+	err = d.wrc.Write(d.write)
 	cw.p = nil
 	chunks.Put(buf)
 	if err == nil && cw.err != nil {
@@ -282,16 +293,6 @@ func (cw *chunkWriter) write(fd uintptr) bool {
 		cw.n += w
 	}
 	return true
-}
-
-// closeWrite half-closes dst with a raw shutdown(2) (see rawRead), or
-// through the net package if the socket is already closed.
-func closeWrite(dst *net.TCPConn, rc syscall.RawConn) {
-	if rc.Control(func(fd uintptr) {
-		syscall.RawSyscall(syscall.SYS_SHUTDOWN, fd, syscall.SHUT_WR, 0)
-	}) != nil {
-		dst.CloseWrite()
-	}
 }
 
 // rawRead and rawWrite call read(2) and write(2) on a non-blocking

@@ -3,7 +3,6 @@ package proxy
 import (
 	"errors"
 	"io"
-	"net"
 	"os"
 	"syscall"
 	"unsafe"
@@ -32,11 +31,9 @@ type splicer struct {
 	drain, pump   func(uintptr) bool // method values made once, not per chunk
 }
 
-//go:noinline (keeps pipe's frame, and so every relay goroutine's stack, small)
-func newSplicer(_, _ *net.TCPConn, src, dst syscall.RawConn) *splicer {
-	// The connections are for platforms without splice(2); see
-	// splice_other.go.
-	s := &splicer{src: src, dst: dst, rfd: -1, wfd: -1}
+//go:noinline (keeps step's frame, and so every relay goroutine's stack, small)
+func newSplicer(d *direction) *splicer {
+	s := &splicer{src: d.rc, dst: d.wrc, rfd: -1, wfd: -1}
 	s.drain, s.pump = s.drainInto, s.pumpOut
 	return s
 }

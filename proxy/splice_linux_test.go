@@ -38,9 +38,11 @@ func TestSplicerMovesStreamIntact(t *testing.T) {
 		got <- sum
 	}()
 
-	rc, _ := src.SyscallConn()
-	wrc, _ := dst.SyscallConn()
-	sp := newSplicer(dst, src, rc, wrc)
+	d, err := newDirection(dst, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp := newSplicer(d)
 	defer sp.close()
 	src.SetReadDeadline(time.Now().Add(time.Minute))
 	dst.SetWriteDeadline(time.Now().Add(time.Minute))
@@ -76,9 +78,11 @@ func TestSplicerMovesStreamIntact(t *testing.T) {
 func TestSplicerReportsDeadline(t *testing.T) {
 	_, src := tcpPair(t)
 	dst, _ := tcpPair(t)
-	rc, _ := src.SyscallConn()
-	wrc, _ := dst.SyscallConn()
-	sp := newSplicer(dst, src, rc, wrc)
+	d, err := newDirection(dst, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp := newSplicer(d)
 	defer sp.close()
 	src.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
 	n, err := sp.chunk()

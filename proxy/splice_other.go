@@ -5,15 +5,14 @@ package proxy
 import (
 	"io"
 	"net"
-	"syscall"
 )
 
 // splicer hands the rest of a bulk direction to the runtime's own copy,
 // which uses whatever zero-copy path the platform has.
 type splicer struct{ dst, src *net.TCPConn }
 
-func newSplicer(dst, src *net.TCPConn, _, _ syscall.RawConn) *splicer {
-	return &splicer{dst: dst, src: src}
+func newSplicer(d *direction) *splicer {
+	return &splicer{dst: d.dst, src: d.src}
 }
 
 func (s *splicer) chunk() (int64, error) {
