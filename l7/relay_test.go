@@ -329,6 +329,19 @@ func (p *h2Peer) write(fn func() error) error {
 	return fn()
 }
 
+// writeDataInFrames sends body on stream id as DATA frames of at most
+// frame bytes, the last one ending the stream, all in one write so the
+// reader gets many frames at a time.
+func (p *h2Peer) writeDataInFrames(id uint32, body []byte, frame int) error {
+	var buf bytes.Buffer
+	bf := http2.NewFramer(&buf, nil)
+	for off := 0; off < len(body); off += frame {
+		end := min(off+frame, len(body))
+		bf.WriteData(id, end == len(body), body[off:end])
+	}
+	return p.write(func() error { _, err := p.conn.Write(buf.Bytes()); return err })
+}
+
 // encode HPACK-encodes fields; the block must be sent before the next one
 // is encoded.
 func (p *h2Peer) encode(fields []hpack.HeaderField) []byte {
@@ -996,13 +1009,7 @@ func TestRelayOwnBodyKeepsClientWindow(t *testing.T) {
 		// Exactly the window the backend was given, 65535 bytes, in
 		// small frames sent in one write, so that the relay reads many
 		// at a time.
-		var buf bytes.Buffer
-		bf := http2.NewFramer(&buf, nil)
-		for off := 0; off < len(body); off += frame {
-			end := min(off+frame, len(body))
-			bf.WriteData(3, end == len(body), body[off:end])
-		}
-		if p.write(func() error { _, err := p.conn.Write(buf.Bytes()); return err }) != nil {
+		if p.writeDataInFrames(3, body, frame) != nil {
 			return
 		}
 		if p.waitCond(func() bool { return len(p.connWU) > 0 }) != nil {
@@ -2324,13 +2331,7 @@ func TestRelayDrainWhileHoldingData(t *testing.T) {
 			return
 		}
 		<-sendData
-		var buf bytes.Buffer
-		bf := http2.NewFramer(&buf, nil)
-		for off := 0; off < len(body); off += frame {
-			end := min(off+frame, len(body))
-			bf.WriteData(3, end == len(body), body[off:end])
-		}
-		if p.write(func() error { _, err := p.conn.Write(buf.Bytes()); return err }) != nil {
+		if p.writeDataInFrames(3, body, frame) != nil {
 			return
 		}
 		for p.step() == nil {
