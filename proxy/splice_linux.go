@@ -121,7 +121,24 @@ func (s *splicer) open() error {
 	// (an unprivileged user over fs.pipe-user-pages-soft) only means
 	// more calls.
 	syscall.RawSyscall(unix.SYS_FCNTL, uintptr(s.rfd), unix.F_SETPIPE_SZ, maxSplice)
+	s.dst.Control(limitUnsent)
 	return nil
+}
+
+// limitUnsent caps the bytes dst's send queue holds that TCP has not
+// sent yet at about one pipe's worth (TCP_NOTSENT_LOWAT). Without it a
+// direction whose receiver is slower than its sender lets that queue
+// grow to net.ipv4.tcp_wmem's maximum (4 MiB by default) of pages the
+// sender's kernel filled and cannot reuse until the receiver has read
+// them. Measured with both ends on one host, the sender and receiver
+// then spent about a third more CPU per byte than with no proxy between
+// them; with the cap they spend what they do directly. Bytes in flight
+// are not counted, so unlike a smaller SO_SNDBUF this does not shrink
+// the window a long fat path needs; the cost is a wakeup per half a
+// pipe drained. Kernels without the option keep the old queue.
+func limitUnsent(fd uintptr) {
+	v := int32(maxSplice)
+	syscall.RawSyscall6(syscall.SYS_SETSOCKOPT, fd, syscall.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, uintptr(unsafe.Pointer(&v)), 4, 0)
 }
 
 // close releases the pipe, if any; whatever it still holds belonged to

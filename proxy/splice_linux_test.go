@@ -5,8 +5,11 @@ import (
 	"crypto/sha256"
 	"io"
 	"net"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestSplicerMovesStreamIntact drives the splicer chunk by chunk from
@@ -60,6 +63,9 @@ func TestSplicerMovesStreamIntact(t *testing.T) {
 	if sp.rfd < 0 {
 		t.Fatal("no pipe was used")
 	}
+	if lowat := notSentLowat(t, dst); lowat != maxSplice {
+		t.Fatalf("destination's TCP_NOTSENT_LOWAT is %d, want %d", lowat, maxSplice)
+	}
 	dst.CloseWrite()
 	if total != int64(len(data)) {
 		t.Fatalf("moved %d bytes, want %d", total, len(data))
@@ -92,6 +98,25 @@ func TestSplicerReportsDeadline(t *testing.T) {
 	if sp.inPipe != 0 {
 		t.Fatalf("%d bytes left in the pipe", sp.inPipe)
 	}
+}
+
+func notSentLowat(t *testing.T, c *net.TCPConn) int {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	var gerr error
+	if err := rc.Control(func(fd uintptr) {
+		v, gerr = syscall.GetsockoptInt(int(fd), syscall.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return v
 }
 
 func isTimeout(err error) bool {
