@@ -3,6 +3,7 @@ package proxy
 import (
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // activity is shared by the two directions of one relay: it tells
@@ -12,6 +13,8 @@ type activity struct {
 
 	mu  sync.Mutex
 	end string
+
+	eofs atomic.Int32 // directions that reached their source's EOF
 }
 
 func newActivity(a, b *net.TCPConn) *activity {
@@ -22,6 +25,12 @@ func newActivity(a, b *net.TCPConn) *activity {
 // read only when an idle check fires, never per chunk.
 func (a *activity) count() uint64 {
 	return bytesReceived(a.sockets[0]) + bytesReceived(a.sockets[1])
+}
+
+// lastEOF records that a direction reached its source's EOF and reports
+// whether the other one already had.
+func (a *activity) lastEOF() bool {
+	return a.eofs.Add(1) == 2
 }
 
 func (a *activity) close(why string) {
