@@ -26,6 +26,14 @@ type cpuLayout struct {
 
 func (l cpuLayout) split() bool { return l.proxy != nil }
 
+// proxyCPUCount is how many CPUs each proxy may use.
+func (l cpuLayout) proxyCPUCount() int {
+	if l.split() {
+		return len(l.proxy)
+	}
+	return runtime.NumCPU()
+}
+
 func (l cpuLayout) String() string {
 	if !l.split() {
 		return "shared"

@@ -306,9 +306,10 @@ const (
 var errSkipped = errors.New("skipped")
 
 // runIdle parks up to n idle connections on the proxy process pid and
-// measures its RSS and descriptors before and after. benchNofile is this
-// process's own soft limit: every idle connection costs the benchmark two
-// descriptors (client end and backend end).
+// measures its RSS and descriptors (with its workers', if it has any)
+// before and after. benchNofile is this process's own soft limit: every
+// idle connection costs the benchmark two descriptors (client end and
+// backend end).
 // metricsURL, if not empty, is the proxy's Prometheus endpoint for the
 // Go runtime breakdown.
 func runIdle(ctx context.Context, p *pki, b *backend, addr string, pid, n int, benchNofile uint64, metricsURL string) (idleResult, error) {
@@ -316,7 +317,7 @@ func runIdle(ctx context.Context, p *pki, b *backend, addr string, pid, n int, b
 	if err := waitIdleCount(ctx, b, 0); err != nil {
 		return res, fmt.Errorf("connections of an earlier phase still open: %w", err)
 	}
-	limit, err := nofileSoft(pid)
+	limit, err := treeNofileSoft(pid)
 	if err != nil {
 		return res, err
 	}
@@ -333,10 +334,10 @@ func runIdle(ctx context.Context, p *pki, b *backend, addr string, pid, n int, b
 		res.Capped = fmt.Sprintf("the benchmark's RLIMIT_NOFILE %d (2 fds per connection)", benchNofile)
 	}
 
-	if res.RSSBeforeKiB, err = rssKiB(pid); err != nil {
+	if res.RSSBeforeKiB, err = treeRSSKiB(pid); err != nil {
 		return res, err
 	}
-	if res.FDsBefore, res.PipesBefore, err = fdCount(pid); err != nil {
+	if res.FDsBefore, res.PipesBefore, err = treeFDCount(pid); err != nil {
 		return res, err
 	}
 	if metricsURL != "" {
@@ -358,7 +359,7 @@ func runIdle(ctx context.Context, p *pki, b *backend, addr string, pid, n int, b
 	if conns, err = openIdle(ctx, p, b, addr, conns, probe); err != nil {
 		return res, err
 	}
-	fds, _, err := fdCount(pid)
+	fds, _, err := treeFDCount(pid)
 	if err != nil {
 		return res, err
 	}
@@ -382,10 +383,10 @@ func runIdle(ctx context.Context, p *pki, b *backend, addr string, pid, n int, b
 		return res, ctx.Err()
 	case <-time.After(settleTime):
 	}
-	if res.RSSAfterKiB, err = rssKiB(pid); err != nil {
+	if res.RSSAfterKiB, err = treeRSSKiB(pid); err != nil {
 		return res, err
 	}
-	if res.FDsAfter, res.PipesAfter, err = fdCount(pid); err != nil {
+	if res.FDsAfter, res.PipesAfter, err = treeFDCount(pid); err != nil {
 		return res, err
 	}
 	if metricsURL != "" {

@@ -30,6 +30,7 @@ type options struct {
 	duration time.Duration
 	idle     int
 	haproxy  string
+	nginx    string
 	jsonOut  string
 	streams  int
 	workers  int
@@ -54,6 +55,7 @@ func run(args []string) int {
 	fs.DurationVar(&o.duration, "duration", 5*time.Second, "length of each timed phase per target")
 	fs.IntVar(&o.idle, "idle", 5000, "idle connections to park on each proxy")
 	fs.StringVar(&o.haproxy, "haproxy", "auto", "auto: also measure HAProxy when `haproxy` is on PATH; off: never")
+	fs.StringVar(&o.nginx, "nginx", "auto", "auto: also measure nginx's stream proxy when `nginx` is on PATH (or in /usr/sbin) with its stream module; off: never")
 	fs.StringVar(&o.jsonOut, "json", "", "also write the results as JSON to this file")
 	fs.IntVar(&o.streams, "streams", 8, "parallel streams in the second bulk phase")
 	fs.IntVar(&o.workers, "workers", 8, "concurrent workers in the connection-rate phase")
@@ -81,6 +83,9 @@ func run(args []string) int {
 	switch {
 	case o.haproxy != "auto" && o.haproxy != "off":
 		fmt.Fprintln(os.Stderr, "bench: -haproxy must be auto or off")
+		return 2
+	case o.nginx != "auto" && o.nginx != "off":
+		fmt.Fprintln(os.Stderr, "bench: -nginx must be auto or off")
 		return 2
 	case o.duration <= 0 || o.idle < 0 || o.streams < 1 || o.workers < 1 || o.rounds < 1:
 		fmt.Fprintln(os.Stderr, "bench: -duration, -streams, -workers and -rounds must be positive, -idle not negative")
@@ -255,18 +260,20 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 			rep.Notes = append(rep.Notes, fmt.Sprintf("haproxy maxconn lowered from %d to %d: HAProxy refuses to start unless RLIMIT_NOFILE (%d) covers %s", haproxyMaxconn, rep.HAProxyMaxconn, lim.Cur, need))
 		}
 		hc, addr, err := startHAProxy(ctx, dir, path, be.addr(), rep.HAProxyMaxconn, o.haproxySplice, o.cpus)
-		if hc != nil {
-			cl.add(hc.stop)
+		if targets, err = addReference(ctx, cl, rep, targets, "haproxy", &rep.HAProxy, hc, addr, err); err != nil {
+			return nil, err
 		}
-		switch {
-		case ctx.Err() != nil:
-			return nil, ctx.Err()
-		case err != nil:
-			rep.HAProxy += " (failed to start, not measured)"
-			rep.Notes = append(rep.Notes, "haproxy: "+err.Error())
-			fmt.Fprintln(os.Stderr, "bench: haproxy:", err)
-		default:
-			targets = append(targets, &target{name: "haproxy", addr: addr, proc: hc})
+	}
+
+	if o.nginx == "off" {
+		rep.Nginx = "nginx not run (-nginx off)"
+	} else if path, err := findNginx(); err != nil {
+		rep.Nginx = "nginx not run (" + err.Error() + ")"
+	} else {
+		rep.Nginx = nginxVersion(ctx, path)
+		nc, addr, err := startNginx(ctx, dir, path, be.addr(), lim.Cur, o.cpus)
+		if targets, err = addReference(ctx, cl, rep, targets, "nginx", &rep.Nginx, nc, addr, err); err != nil {
+			return nil, err
 		}
 	}
 
@@ -471,7 +478,7 @@ func measureCPU(t *target, fn func() error) (proxy, load float64, err error) {
 	self := os.Getpid()
 	var p0, p1 float64
 	if t.proc != nil {
-		if p0, err = cpuSeconds(t.proc.pid()); err != nil {
+		if p0, err = treeCPUSeconds(t.proc.pid()); err != nil {
 			return 0, 0, err
 		}
 	}
@@ -484,7 +491,7 @@ func measureCPU(t *target, fn func() error) (proxy, load float64, err error) {
 	}
 	time.Sleep(200 * time.Millisecond)
 	if t.proc != nil {
-		if p1, err = cpuSeconds(t.proc.pid()); err != nil {
+		if p1, err = treeCPUSeconds(t.proc.pid()); err != nil {
 			return 0, 0, err
 		}
 	}
@@ -493,6 +500,26 @@ func measureCPU(t *target, fn func() error) (proxy, load float64, err error) {
 		return 0, 0, err
 	}
 	return p1 - p0, l1 - l0, nil
+}
+
+// addReference takes the outcome of starting a reference proxy (HAProxy,
+// nginx): once started, it is stopped at cleanup whatever happens; if it
+// failed to start, the run goes on without it and the report says why
+// (label is the report's line for it). Only a cancelled run is an error.
+func addReference(ctx context.Context, cl *cleanup, rep *report, targets []*target, name string, label *string, c *child, addr string, err error) ([]*target, error) {
+	if c != nil {
+		cl.add(c.stop)
+	}
+	switch {
+	case ctx.Err() != nil:
+		return targets, ctx.Err()
+	case err != nil:
+		*label += " (failed to start, not measured)"
+		rep.Notes = append(rep.Notes, name+": "+err.Error())
+		fmt.Fprintf(os.Stderr, "bench: %s: %v\n", name, err)
+		return targets, nil
+	}
+	return append(targets, &target{name: name, addr: addr, proc: c}), nil
 }
 
 // startPortcullis writes the config and starts `portcullis serve`,
@@ -588,21 +615,27 @@ backend b
     server s1 %s
 `, maxconn, spliceOption, addr, serverName, backendAddr)
 	cfgPath := filepath.Join(dir, "haproxy.cfg")
+	c, err := startConfigured(ctx, "haproxy", dir, cfgPath, cfg, []string{path, "-f", cfgPath, "-db"}, addr, cpus)
+	return c, addr, err
+}
+
+// startConfigured writes a reference proxy's config to cfgPath, starts
+// argv on the proxies' CPUs with its output in dir/NAME.log, and
+// returns once addr accepts. A child that started is returned even with
+// an error, for the caller to stop.
+func startConfigured(ctx context.Context, name, dir, cfgPath, cfg string, argv []string, addr string, cpus cpuLayout) (*child, error) {
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		return nil, "", err
+		return nil, err
 	}
-	argv, err := cpus.proxyArgv([]string{path, "-f", cfgPath, "-db"})
+	argv, err := cpus.proxyArgv(argv)
 	if err != nil {
-		return nil, "", err
+		return nil, err
 	}
-	c, err := startChild("haproxy", filepath.Join(dir, "haproxy.log"), argv...)
+	c, err := startChild(name, filepath.Join(dir, name+".log"), argv...)
 	if err != nil {
-		return nil, "", err
+		return nil, err
 	}
-	if err := waitListening(ctx, c, addr, 10*time.Second); err != nil {
-		return c, "", err
-	}
-	return c, addr, nil
+	return c, waitListening(ctx, c, addr, 10*time.Second)
 }
 
 func haproxyVersion(ctx context.Context, path string) string {

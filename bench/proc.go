@@ -73,6 +73,11 @@ func (c *child) stop() {
 	case <-time.After(3 * time.Second):
 	}
 	fmt.Fprintf(os.Stderr, "bench: %s (pid %d) ignored SIGTERM; killing it\n", c.name, c.pid())
+	// A master's workers are this child's own children (nginx): they go
+	// too, by the PIDs read before their parent is gone.
+	for _, pid := range childPIDs(c.pid()) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
 	c.cmd.Process.Kill()
 	select {
 	case <-c.done:
@@ -258,4 +263,84 @@ func nofileSoft(pid int) (uint64, error) {
 		}
 	}
 	return 0, fmt.Errorf("/proc/%d/limits: no Max open files line", pid)
+}
+
+// childPIDs lists the processes whose parent is pid, from /proc/*/stat.
+func childPIDs(pid int) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var kids []int
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue // exited meanwhile
+		}
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:])) // f[1] is field 4 (ppid)
+		if len(f) > 1 && f[1] == strconv.Itoa(pid) {
+			kids = append(kids, n)
+		}
+	}
+	return kids
+}
+
+// The tree readers below sum a proxy process and its direct children:
+// nginx serves from worker processes its master forks, and their CPU,
+// memory and descriptors are the proxy's. A single-process proxy is a
+// tree of one.
+
+func treeCPUSeconds(pid int) (float64, error) { return sumTree(pid, cpuSeconds) }
+
+func treeRSSKiB(pid int) (int64, error) { return sumTree(pid, rssKiB) }
+
+// sumTree adds read(pid) and read of each child; a child that exits
+// while it is read counts as nothing.
+func sumTree[T int64 | float64](pid int, read func(int) (T, error)) (T, error) {
+	total, err := read(pid)
+	if err != nil {
+		return 0, err
+	}
+	for _, kid := range childPIDs(pid) {
+		if v, err := read(kid); err == nil {
+			total += v
+		}
+	}
+	return total, nil
+}
+
+func treeFDCount(pid int) (fds, pipes int, err error) {
+	if fds, pipes, err = fdCount(pid); err != nil {
+		return 0, 0, err
+	}
+	for _, kid := range childPIDs(pid) {
+		if f, p, err := fdCount(kid); err == nil {
+			fds, pipes = fds+f, pipes+p
+		}
+	}
+	return fds, pipes, nil
+}
+
+// treeNofileSoft is the lowest soft descriptor limit in the tree: the
+// process that holds the connections (a worker, for nginx) is the one
+// that runs out.
+func treeNofileSoft(pid int) (uint64, error) {
+	lowest, err := nofileSoft(pid)
+	if err != nil {
+		return 0, err
+	}
+	for _, kid := range childPIDs(pid) {
+		if n, err := nofileSoft(kid); err == nil {
+			lowest = min(lowest, n)
+		}
+	}
+	return lowest, nil
 }

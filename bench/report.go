@@ -23,6 +23,7 @@ type report struct {
 	Portcullis     string          `json:"portcullis_version"`
 	HAProxy        string          `json:"haproxy"`
 	HAProxyMaxconn int             `json:"haproxy_maxconn,omitempty"`
+	Nginx          string          `json:"nginx"`
 	Duration       string          `json:"duration_per_phase"`
 	Streams        int             `json:"bulk_streams"`
 	Workers        int             `json:"rate_workers"`
@@ -120,7 +121,7 @@ func printHeader(w io.Writer, rep *report) {
 	}
 	fmt.Fprintf(w, "Phases run one at a time: %s per phase and target, in %d\n", rep.Duration, rep.Rounds)
 	fmt.Fprintf(w, "rounds that alternate the targets.\n")
-	fmt.Fprintf(w, "%s %s; %s; %s\n", rep.GoVersion, rep.Platform, orUnknown(rep.Portcullis), rep.HAProxy)
+	fmt.Fprintf(w, "%s %s; %s; %s; %s\n", rep.GoVersion, rep.Platform, orUnknown(rep.Portcullis), rep.HAProxy, rep.Nginx)
 	if rep.PortcullisEnv != "" {
 		fmt.Fprintf(w, "portcullis runs with %s\n", rep.PortcullisEnv)
 	}
