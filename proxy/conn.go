@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/portcullis/portcullis/clienthello"
@@ -37,8 +38,10 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
 	client := peer
 
-	// A hard shutdown closes the socket, which unblocks any stage below.
-	stop := context.AfterFunc(s.hardCtx, func() { c.Close() })
+	// A hard shutdown closes the sockets, which unblocks any stage below
+	// and the relay. One registration covers both (see sockets).
+	socks := &sockets{client: c}
+	stop := context.AfterFunc(s.hardCtx, socks.close)
 	// closeConn is the connection's end: run here, or by the relay once
 	// both directions are done.
 	closeConn := func() {
@@ -144,6 +147,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	}
 	r.m.dial.Observe(time.Since(dialStart).Seconds())
 	b := bconn.(*net.TCPConn)
+	socks.setBackend(b)
 
 	// PROXY v2 header and the recorded ClientHello go out in one write.
 	out := hello.Raw
@@ -159,10 +163,8 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	sni, helloLen := hello.ServerName, len(hello.Raw)
 	release()
 
-	stopB := context.AfterFunc(s.hardCtx, func() { b.Close() })
 	handedOff = true
 	startRelay(c, b, lc.idleTimeout, func(res relayResult) {
-		stopB()
 		c.Close()
 		b.Close()
 		res.toBackend += int64(helloLen)
@@ -177,6 +179,35 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 			slog.Duration("duration", time.Since(start)), slog.String("end", res.end))
 		closeConn()
 	})
+}
+
+// sockets are one connection's client and backend sockets as a hard
+// shutdown sees them. A single context.AfterFunc per connection covers
+// both: each registration is a turn on the server context's lock, at
+// connection setup and again at teardown.
+type sockets struct {
+	client  *net.TCPConn
+	backend atomic.Pointer[net.TCPConn] // set once dialed
+	closing atomic.Bool
+}
+
+// close is the hard shutdown's: it closes whatever is there.
+func (s *sockets) close() {
+	s.closing.Store(true)
+	s.client.Close()
+	if b := s.backend.Load(); b != nil {
+		b.Close()
+	}
+}
+
+// setBackend publishes the dialed backend socket. A shutdown that began
+// before it could see it closes it here instead, so the hello write or
+// the relay fails at once.
+func (s *sockets) setBackend(b *net.TCPConn) {
+	s.backend.Store(b)
+	if s.closing.Load() {
+		b.Close()
+	}
 }
 
 // timeoutOr classifies a pre-routing read error: a deadline that expired

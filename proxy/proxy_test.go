@@ -621,6 +621,50 @@ func TestShutdownGraceExpires(t *testing.T) {
 	}
 }
 
+// TestShutdownGraceClosesBlockedRelay: a relay stuck writing to a
+// backend that stopped reading is not woken by the client's socket
+// closing; the end of the grace period must close the backend socket
+// too, so the relay ends and Shutdown returns.
+func TestShutdownGraceClosesBlockedRelay(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "full.test"})
+	release := make(chan struct{})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		<-release // never reads
+	})
+	defer close(release)
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("full.test", backend))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(hello)
+	testnet.WaitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
+	// Fill the backend's receive queue, the relay's pipe and the
+	// client's send queue, until writes stall.
+	c.(*net.TCPConn).SetWriteBuffer(64 << 10)
+	chunk := make([]byte, 256<<10)
+	for {
+		c.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
+		if _, err := c.Write(chunk); err != nil {
+			break
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	// Shutdown returns once every connection has ended.
+	done := make(chan error, 1)
+	go func() { done <- h.srv.Shutdown(ctx) }()
+	select {
+	case err := <-done:
+		if err != context.DeadlineExceeded {
+			t.Fatalf("Shutdown = %v, want DeadlineExceeded", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown still waiting for the blocked relay 10s after the grace period")
+	}
+}
+
 // TestRemovedRoutesLeaveNoSeries: series of routes and listeners that a
 // reload removed are no longer exported, so configuration churn does not
 // grow /metrics without bound.
