@@ -133,7 +133,7 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 		}
 		if err == io.EOF {
 			d.sp.close()
-			// The second direction to finish leaves its FIN to the
+			// The second direction to reach EOF leaves its FIN to the
 			// close of both sockets that follows at once; a shutdown(2)
 			// first would be a system call for nothing, and one that
 			// fails when the peer has already reset.
