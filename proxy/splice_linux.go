@@ -132,7 +132,7 @@ func (s *splicer) open() error {
 // sender's kernel filled and cannot reuse until the receiver has read
 // them. Measured with both ends on one host, the sender and receiver
 // then spent about a third more CPU per byte than with no proxy between
-// them; with the cap, less than a tenth more. Bytes in flight are not
+// them; with the cap, up to a tenth more. Bytes in flight are not
 // counted, so unlike a smaller SO_SNDBUF this does not shrink the
 // window a long fat path needs; the cost is a wakeup per half a pipe
 // drained. Kernels without the option keep the old queue.
