@@ -122,8 +122,10 @@ func nginxVersion(ctx context.Context, path string) string {
 		return "nginx (version unknown)"
 	}
 	// "nginx version: nginx/1.22.1"
-	if _, v, ok := strings.Cut(strings.TrimSpace(string(out)), "nginx/"); ok && v != "" {
-		return "nginx " + strings.Fields(v)[0] + " stream"
+	if _, v, ok := strings.Cut(string(out), "nginx/"); ok {
+		if f := strings.Fields(v); len(f) > 0 {
+			return "nginx " + f[0] + " stream"
+		}
 	}
 	return strings.TrimSpace(string(out))
 }
