@@ -490,14 +490,16 @@ func measureCPU(t *target, fn func() error) (proxy, load float64, err error) {
 		return 0, 0, err
 	}
 	time.Sleep(200 * time.Millisecond)
+	// This process first: scanning /proc for a proxy's workers is work
+	// of its own that must not count as the load generator's.
+	l1, err := cpuSeconds(self)
+	if err != nil {
+		return 0, 0, err
+	}
 	if t.proc != nil {
 		if p1, err = treeCPUSeconds(t.proc.pid()); err != nil {
 			return 0, 0, err
 		}
-	}
-	l1, err := cpuSeconds(self)
-	if err != nil {
-		return 0, 0, err
 	}
 	return p1 - p0, l1 - l0, nil
 }

@@ -15,7 +15,8 @@ import (
 )
 
 // child is a process the benchmark started. It is stopped by its own PID
-// and nothing else: never by name, never by process group.
+// (and its workers, if SIGKILL is needed, by theirs) and nothing else:
+// never by name, never by process group.
 type child struct {
 	name    string
 	cmd     *exec.Cmd
