@@ -560,16 +560,9 @@ func TestShutdownDrains(t *testing.T) {
 		<-release
 		io.WriteString(c, "finished\n")
 	})
-	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("drain.test", backend))
+	h, c := activeRelay(t, hello, "drain.test", backend)
 	addr := h.addr("l")
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	c.SetDeadline(time.Now().Add(20 * time.Second))
-	c.Write(hello)
-	testnet.WaitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
 
 	done := make(chan error, 1)
 	go func() {
@@ -596,20 +589,29 @@ func TestShutdownDrains(t *testing.T) {
 	}
 }
 
+// activeRelay starts a proxy with one listener "l" routing sni to
+// backend, sends hello through it and waits until the connection counts
+// as active. The connection is closed when the test ends.
+func activeRelay(t *testing.T, hello []byte, sni, backend string) (*harness, net.Conn) {
+	t.Helper()
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML(sni, backend))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.Write(hello)
+	testnet.WaitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
+	return h, c
+}
+
 func TestShutdownGraceExpires(t *testing.T) {
 	hello := clientHelloBytes(t, &tls.Config{ServerName: "stuck.test"})
 	backend := rawBackend(t, func(c *net.TCPConn) {
 		c.SetDeadline(time.Now().Add(time.Minute))
 		io.Copy(io.Discard, c)
 	})
-	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("stuck.test", backend))
-	c, err := net.Dial("tcp", h.addr("l"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write(hello)
-	testnet.WaitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
+	h, c := activeRelay(t, hello, "stuck.test", backend)
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	if err := h.srv.Shutdown(ctx); err != context.DeadlineExceeded {
@@ -632,14 +634,7 @@ func TestShutdownGraceClosesBlockedRelay(t *testing.T) {
 		<-release // never reads
 	})
 	defer close(release)
-	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("full.test", backend))
-	c, err := net.Dial("tcp", h.addr("l"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write(hello)
-	testnet.WaitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
+	h, c := activeRelay(t, hello, "full.test", backend)
 	// Fill the backend's receive queue, the relay's pipe and the
 	// client's send queue, until writes stall.
 	c.(*net.TCPConn).SetWriteBuffer(64 << 10)
