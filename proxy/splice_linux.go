@@ -10,8 +10,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxSplice is the most one chunk moves; the pipe is sized to hold it.
-const maxSplice = 1 << 20
+// maxSplice is the most one chunk moves; the pipe is sized to hold it,
+// and it is also the cap on the destination's unsent bytes (see
+// limitUnsent). 256 KiB rather than more: every spliced direction pins
+// up to this much in its pipe and again in its send queue, a non-root
+// user's pipe quota (fs.pipe-user-pages-soft, 64 MiB) holds four times
+// as many pipes of this size as of 1 MiB, and in the benchmark the
+// endpoints spent less CPU per byte with less data in flight between
+// them (bench/README.md). Smaller still costs the relay more calls per
+// byte than it saves anyone.
+const maxSplice = 256 << 10
 
 var errSpliceStalled = errors.New("splice: pipe holds data the kernel will not move")
 
@@ -126,16 +134,16 @@ func (s *splicer) open() error {
 }
 
 // limitUnsent caps the bytes dst's send queue holds that TCP has not
-// sent yet at about one pipe's worth (TCP_NOTSENT_LOWAT). Without it a
+// sent yet at one pipe's worth (TCP_NOTSENT_LOWAT). Without it a
 // direction whose receiver is slower than its sender lets that queue
 // grow to net.ipv4.tcp_wmem's maximum (4 MiB by default) of pages the
 // sender's kernel filled and cannot reuse until the receiver has read
 // them. Measured with both ends on one host, the sender and receiver
 // then spent about a third more CPU per byte than with no proxy between
-// them; with the cap, up to a tenth more. Bytes in flight are not
-// counted, so unlike a smaller SO_SNDBUF this does not shrink the
-// window a long fat path needs; the cost is a wakeup per half a pipe
-// drained. Kernels without the option keep the old queue.
+// them; with the cap, about as much as without a proxy. Bytes in flight
+// are not counted, so unlike a smaller SO_SNDBUF this does not shrink
+// the window a long fat path needs; the cost is a wakeup per half a
+// pipe drained. Kernels without the option keep the old queue.
 func limitUnsent(fd uintptr) {
 	v := int32(maxSplice)
 	syscall.RawSyscall6(syscall.SYS_SETSOCKOPT, fd, syscall.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, uintptr(unsafe.Pointer(&v)), 4, 0)

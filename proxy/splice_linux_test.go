@@ -63,6 +63,9 @@ func TestSplicerMovesStreamIntact(t *testing.T) {
 	if sp.rfd < 0 {
 		t.Fatal("no pipe was used")
 	}
+	if size, err := unix.FcntlInt(uintptr(sp.rfd), unix.F_GETPIPE_SZ, 0); err != nil || size != maxSplice {
+		t.Fatalf("the pipe holds %d bytes (%v), want %d", size, err, maxSplice)
+	}
 	if lowat := notSentLowat(t, dst); lowat != maxSplice {
 		t.Fatalf("destination's TCP_NOTSENT_LOWAT is %d, want %d", lowat, maxSplice)
 	}
