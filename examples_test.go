@@ -386,7 +386,7 @@ func TestGrafanaDashboard(t *testing.T) {
 		"portcullis_connections_rejected_total", "portcullis_route_bytes_total",
 		"portcullis_backend_dial_duration_seconds_bucket", "portcullis_l7_requests_total",
 		"portcullis_l7_request_duration_seconds_bucket", "portcullis_config_reloads_total",
-		"portcullis_config_last_reload_successful",
+		"portcullis_config_last_reload_successful", "portcullis_relay_pipe_unavailable_total",
 	} {
 		if !used[name] {
 			t.Errorf("the dashboard has no panel querying %s", name)

@@ -129,6 +129,7 @@ func TestMetrics(t *testing.T) {
 		"portcullis_connections_accepted_total", "portcullis_connections_active",
 		"portcullis_connections_rejected_total", "portcullis_route_connections_total",
 		"portcullis_route_bytes_total", "portcullis_backend_dial_duration_seconds_bucket",
+		"portcullis_relay_pipe_unavailable_total",
 		"portcullis_l7_requests_total", "portcullis_l7_request_duration_seconds_bucket",
 		"portcullis_config_reloads_total", "portcullis_config_last_reload_successful",
 		"portcullis_config_last_reload_success_timestamp_seconds", "portcullis_config_info",
@@ -145,6 +146,7 @@ func TestMetrics(t *testing.T) {
 		`portcullis_config_reloads_total{result="success"} 1`,
 		`portcullis_config_last_reload_successful 1`,
 		`portcullis_backend_dial_duration_seconds_count{listener="public",route="app.test"} 1`,
+		`portcullis_relay_pipe_unavailable_total 0`,
 	} {
 		if !bytes.Contains(body, []byte(want+"\n")) {
 			t.Errorf("no sample %s", want)

@@ -164,7 +164,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	release()
 
 	handedOff = true
-	startRelay(c, b, lc.idleTimeout, func(res relayResult) {
+	startRelay(c, b, lc.idleTimeout, s.metrics.noPipe, func(res relayResult) {
 		c.Close()
 		b.Close()
 		res.toBackend += int64(helloLen)

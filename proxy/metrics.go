@@ -36,6 +36,7 @@ type metrics struct {
 	routeConns *prometheus.CounterVec
 	routeBytes *prometheus.CounterVec
 	dial       *prometheus.HistogramVec
+	noPipe     prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -65,8 +66,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:    "Time to establish the TCP connection to a backend.",
 			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}, []string{"listener", "route"}),
+		noPipe: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "portcullis", Name: "relay_pipe_unavailable_total",
+			Help: "L4 directions that carried bulk data by read/write instead of splice because no pipe could be had (descriptor limit or the user's pipe quota, fs.pipe-user-pages-soft).",
+		}),
 	}
-	reg.MustRegister(m.accepted, m.active, m.rejected, m.routeConns, m.routeBytes, m.dial)
+	reg.MustRegister(m.accepted, m.active, m.rejected, m.routeConns, m.routeBytes, m.dial, m.noPipe)
 	return m
 }
 

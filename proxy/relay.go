@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"time"
 	"unsafe"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // relayResult is what a finished relay reports for the access log and
@@ -29,8 +31,11 @@ type relayResult struct {
 // sockets themselves (their file descriptors, through syscall.RawConn),
 // which is what lets bulk payload move with splice(2) and never enter
 // user space. A wrapped connection would have no socket to splice.
-func startRelay(client, backend *net.TCPConn, idle time.Duration, finish func(relayResult)) {
-	j := &relayJob{client: client, backend: backend, idle: idle, act: newActivity(client, backend), finish: finish}
+//
+// noPipe counts directions that moved bulk data without splice because
+// no pipe could be had (see newSplicer).
+func startRelay(client, backend *net.TCPConn, idle time.Duration, noPipe prometheus.Counter, finish func(relayResult)) {
+	j := &relayJob{client: client, backend: backend, idle: idle, noPipe: noPipe, act: newActivity(client, backend), finish: finish}
 	j.pending.Store(2)
 	go j.copyToBackend()
 	go j.copyToClient()
@@ -40,6 +45,7 @@ func startRelay(client, backend *net.TCPConn, idle time.Duration, finish func(re
 type relayJob struct {
 	client, backend *net.TCPConn
 	idle            time.Duration
+	noPipe          prometheus.Counter
 	act             *activity
 	finish          func(relayResult)
 
@@ -51,12 +57,12 @@ type relayJob struct {
 // copyToBackend and copyToClient are the two directions, named so that
 // goroutine dumps say which way a stuck copy was going.
 func (j *relayJob) copyToBackend() {
-	j.toBackend, j.ends[0] = pipe(j.backend, j.client, "client", j.idle, j.act)
+	j.toBackend, j.ends[0] = pipe(j.backend, j.client, "client", j.idle, j.act, j.noPipe)
 	j.done()
 }
 
 func (j *relayJob) copyToClient() {
-	j.toClient, j.ends[1] = pipe(j.client, j.backend, "backend", j.idle, j.act)
+	j.toClient, j.ends[1] = pipe(j.client, j.backend, "backend", j.idle, j.act, j.noPipe)
 	j.done()
 }
 
@@ -97,7 +103,7 @@ var chunks = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b
 // last check; only a connection silent in both directions for the whole
 // period is closed. Read deadlines are safe with splice: a timeout can
 // only interrupt the wait for src, when the pipe is empty (see splicer).
-func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activity) (int64, string) {
+func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activity, noPipe prometheus.Counter) (int64, string) {
 	var total int64
 	tick := idle / 4
 	// The counters are first read at the first tick, not here: most
@@ -123,7 +129,7 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 				src.SetReadDeadline(armed)
 			}
 		}
-		n, err := d.step()
+		n, err := d.step(noPipe)
 		total += n
 		if n > 0 {
 			lastChange = time.Now()
@@ -172,6 +178,7 @@ type direction struct {
 	read     func(uintptr) bool // cr.read and cw.write, made once
 	write    func(uintptr) bool
 	sp       *splicer // from the first full chunk on
+	pipeless bool     // no pipe could be had: read/write to the end
 }
 
 //go:noinline (see direction)
@@ -189,14 +196,22 @@ func newDirection(dst, src *net.TCPConn) (*direction, error) {
 }
 
 // step copies one chunk: by read/write until a read fills a whole
-// chunk, by splice from then on.
-func (d *direction) step() (int64, error) {
+// chunk, by splice from then on. A direction that cannot get a pipe (the
+// descriptor limit, the user's pipe quota) stays on read/write rather
+// than fail a connection that can still be relayed; it does not try
+// again, so a process short of descriptors is not asked for one more
+// per chunk.
+func (d *direction) step(noPipe prometheus.Counter) (int64, error) {
 	if d.sp != nil {
 		return d.sp.chunk()
 	}
 	n, full, err := d.copyChunk()
-	if full {
-		d.sp = newSplicer(d)
+	if full && !d.pipeless {
+		var perr error
+		if d.sp, perr = newSplicer(d); perr != nil {
+			d.pipeless = true
+			noPipe.Inc()
+		}
 	}
 	return n, err
 }

@@ -21,39 +21,51 @@ import (
 // byte than it saves anyone.
 const maxSplice = 256 << 10
 
-var errSpliceStalled = errors.New("splice: pipe holds data the kernel will not move")
+// minPipe is the smallest pipe worth splicing through. A pipe that holds
+// less than one read chunk moves bulk data in more system calls than the
+// read/write path it would replace, and the kernel does hand out such
+// pipes (two pages) to a non-root user over fs.pipe-user-pages-soft.
+const minPipe = chunkSize
+
+var (
+	errSpliceStalled = errors.New("splice: pipe holds data the kernel will not move")
+	errPipeTooSmall  = errors.New("splice: the kernel gave a pipe smaller than a read chunk")
+)
 
 // splicer moves one direction's bulk data socket → pipe → socket with
 // splice(2), so the payload never enters user space. Like the
 // small-message path it calls the kernel directly (see rawRead) and
 // waits for readiness through the sockets' RawConns, so deadlines and
-// closes interrupt it as they do a read or a write. The pipe is made on
-// the first chunk and kept until the direction ends; it is empty
+// closes interrupt it as they do a read or a write. The pipe is made
+// with the splicer and kept until the direction ends; it is empty
 // between chunks.
 type splicer struct {
 	src, dst syscall.RawConn
-	rfd, wfd int // the pipe's ends; -1 until the first chunk
+	rfd, wfd int // the pipe's ends; -1 once closed
 
 	inPipe, moved int
 	err           error
 	drain, pump   func(uintptr) bool // method values made once, not per chunk
 }
 
+// newSplicer makes the direction's pipe. It fails when no usable pipe
+// can be had: the descriptor limit is reached, or the user's pipe quota
+// leaves only a pipe smaller than minPipe. The caller then keeps the
+// direction on read/write, which needs no pipe.
+//
 //go:noinline (keeps step's frame, and so every relay goroutine's stack, small)
-func newSplicer(d *direction) *splicer {
-	s := &splicer{src: d.rc, dst: d.wrc, rfd: -1, wfd: -1}
+func newSplicer(d *direction) (*splicer, error) {
+	s := &splicer{src: d.rc, dst: d.wrc}
+	if err := s.open(); err != nil {
+		return nil, err
+	}
 	s.drain, s.pump = s.drainInto, s.pumpOut
-	return s
+	return s, nil
 }
 
 // chunk moves what src holds now, up to maxSplice bytes, through the
 // pipe to dst. It returns io.EOF at src's end of stream.
 func (s *splicer) chunk() (int64, error) {
-	if s.rfd < 0 {
-		if err := s.open(); err != nil {
-			return 0, err
-		}
-	}
 	s.inPipe, s.moved, s.err = 0, 0, nil
 	if err := s.src.Read(s.drain); err != nil {
 		return 0, err
@@ -125,10 +137,16 @@ func (s *splicer) open() error {
 		return os.NewSyscallError("pipe2", e)
 	}
 	s.rfd, s.wfd = int(p[0]), int(p[1])
-	// A larger pipe moves a bulk burst in one call. Failing to grow it
-	// (an unprivileged user over fs.pipe-user-pages-soft) only means
-	// more calls.
-	syscall.RawSyscall(unix.SYS_FCNTL, uintptr(s.rfd), unix.F_SETPIPE_SZ, maxSplice)
+	// A larger pipe moves a bulk burst in one call. Growing it fails for
+	// a non-root user over fs.pipe-user-pages-soft; the pipe the kernel
+	// gave is still worth using unless it is smaller than a read chunk.
+	if _, _, e := syscall.RawSyscall(unix.SYS_FCNTL, uintptr(s.rfd), unix.F_SETPIPE_SZ, maxSplice); e != 0 {
+		size, _, e := syscall.RawSyscall(unix.SYS_FCNTL, uintptr(s.rfd), unix.F_GETPIPE_SZ, 0)
+		if e != 0 || size < minPipe {
+			s.close()
+			return errPipeTooSmall
+		}
+	}
 	s.dst.Control(limitUnsent)
 	return nil
 }

@@ -5,10 +5,16 @@ import (
 	"crypto/sha256"
 	"io"
 	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -45,7 +51,10 @@ func TestSplicerMovesStreamIntact(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sp := newSplicer(d)
+	sp, err := newSplicer(d)
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer sp.close()
 	src.SetReadDeadline(time.Now().Add(time.Minute))
 	dst.SetWriteDeadline(time.Now().Add(time.Minute))
@@ -91,7 +100,10 @@ func TestSplicerReportsDeadline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sp := newSplicer(d)
+	sp, err := newSplicer(d)
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer sp.close()
 	src.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
 	n, err := sp.chunk()
@@ -100,6 +112,195 @@ func TestSplicerReportsDeadline(t *testing.T) {
 	}
 	if sp.inPipe != 0 {
 		t.Fatalf("%d bytes left in the pipe", sp.inPipe)
+	}
+}
+
+// TestRelayWithoutPipe: a bulk direction that cannot get a pipe, here
+// because the process has no descriptor left, keeps relaying by
+// read/write. Every byte arrives, the direction ends at EOF as usual
+// and the missing pipe is counted once, not once per chunk.
+func TestRelayWithoutPipe(t *testing.T) {
+	writer, src := tcpPair(t)
+	dst, reader := tcpPair(t)
+	data := make([]byte, 8<<20)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	exhaustDescriptors(t)
+	var fds [2]int
+	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC); err != syscall.EMFILE {
+		t.Fatalf("pipe2 with every descriptor in use: %v, want EMFILE", err)
+	}
+
+	go func() {
+		writer.Write(data)
+		writer.CloseWrite()
+	}()
+	got := make(chan [32]byte, 1)
+	go func() {
+		h := sha256.New()
+		io.Copy(h, reader)
+		var sum [32]byte
+		copy(sum[:], h.Sum(nil))
+		got <- sum
+	}()
+	noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "no_pipe"})
+	n, end := pipe(dst, src, "client", 0, newActivity(src, dst), noPipe)
+	if n != int64(len(data)) || end != "done" {
+		t.Fatalf("relayed %d bytes, ended %q; want %d and done", n, end, len(data))
+	}
+	if sum := <-got; sum != sha256.Sum256(data) {
+		t.Fatal("the bytes that arrived differ from those sent")
+	}
+	if c := testutil.ToFloat64(noPipe); c != 1 {
+		t.Fatalf("counted %v directions without a pipe, want 1", c)
+	}
+}
+
+// TestSplicerRefusesSmallPipe: once a non-root user's pipes reach
+// fs.pipe-user-pages-soft, the kernel gives each new pipe two pages and
+// refuses to grow it. Such a pipe is not used: the splicer fails and the
+// direction relays by read/write. The quota is real, so the scenario
+// runs in a copy of the test binary started as nobody.
+func TestSplicerRefusesSmallPipe(t *testing.T) {
+	if os.Getenv("PORTCULLIS_TEST_PIPE_QUOTA") == "1" {
+		smallPipeScenario(t)
+		return
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to start the scenario as another user")
+	}
+	if b, err := os.ReadFile("/proc/sys/fs/pipe-user-pages-soft"); err != nil || string(bytes.TrimSpace(b)) == "0" {
+		t.Skip("no per-user pipe quota on this kernel")
+	}
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Dir(dir), dir} { // nobody must reach the copy
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bin := filepath.Join(dir, "proxy.test")
+	if err := os.WriteFile(bin, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-test.run=^TestSplicerRefusesSmallPipe$", "-test.v")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "PORTCULLIS_TEST_PIPE_QUOTA=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("scenario as nobody: %v\n%s", err, out)
+	}
+	if !bytes.Contains(out, []byte("--- PASS: TestSplicerRefusesSmallPipe")) {
+		t.Fatalf("scenario did not run:\n%s", out)
+	}
+}
+
+// smallPipeScenario runs as a non-root user: it spends the user's pipe
+// quota, then relays a bulk stream.
+func smallPipeScenario(t *testing.T) {
+	for {
+		var p [2]int
+		if err := syscall.Pipe2(p[:], syscall.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { syscall.Close(p[0]); syscall.Close(p[1]) })
+		if _, err := unix.FcntlInt(uintptr(p[0]), unix.F_SETPIPE_SZ, 1<<20); err == syscall.EPERM {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	var p [2]int
+	if err := syscall.Pipe2(p[:], syscall.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	size, err := unix.FcntlInt(uintptr(p[0]), unix.F_GETPIPE_SZ, 0)
+	syscall.Close(p[0])
+	syscall.Close(p[1])
+	if err != nil || size >= minPipe {
+		t.Skipf("a pipe over the quota still holds %d bytes (%v)", size, err)
+	}
+
+	writer, src := tcpPair(t)
+	dst, reader := tcpPair(t)
+	d, err := newDirection(dst, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sp, err := newSplicer(d); err != errPipeTooSmall {
+		sp.close()
+		t.Fatalf("newSplicer over the quota: %v, want errPipeTooSmall", err)
+	}
+	data := bytes.Repeat([]byte("portcullis"), 200_000)
+	go func() {
+		writer.Write(data)
+		writer.CloseWrite()
+	}()
+	got := make(chan []byte, 1)
+	go func() {
+		b, _ := io.ReadAll(reader)
+		got <- b
+	}()
+	noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "no_pipe"})
+	n, end := pipe(dst, src, "client", 0, newActivity(src, dst), noPipe)
+	if n != int64(len(data)) || end != "done" || !bytes.Equal(<-got, data) {
+		t.Fatalf("relayed %d bytes, ended %q; want all %d intact and done", n, end, len(data))
+	}
+	if c := testutil.ToFloat64(noPipe); c != 1 {
+		t.Fatalf("counted %v directions without a pipe, want 1", c)
+	}
+}
+
+// exhaustDescriptors lowers the soft RLIMIT_NOFILE to just above the
+// highest descriptor open now and fills every free number below it, so
+// the next descriptor the process asks for fails with EMFILE. Both are
+// undone when the test ends.
+func exhaustDescriptors(t *testing.T) {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd:", err)
+	}
+	highest := 0
+	for _, e := range entries {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > highest {
+			highest = fd
+		}
+	}
+	var old syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	lowered := old
+	lowered.Cur = uint64(highest + 1)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lowered); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+			t.Error(err)
+		}
+	})
+	var fillers []int
+	t.Cleanup(func() {
+		for _, fd := range fillers {
+			syscall.Close(fd)
+		}
+	})
+	for {
+		fd, err := syscall.Open("/dev/null", syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+		if err == syscall.EMFILE {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		fillers = append(fillers, fd)
 	}
 }
 

@@ -11,8 +11,8 @@ import (
 // which uses whatever zero-copy path the platform has.
 type splicer struct{ dst, src *net.TCPConn }
 
-func newSplicer(d *direction) *splicer {
-	return &splicer{dst: d.dst, src: d.src}
+func newSplicer(d *direction) (*splicer, error) {
+	return &splicer{dst: d.dst, src: d.src}, nil
 }
 
 func (s *splicer) chunk() (int64, error) {
