@@ -195,6 +195,9 @@ func TestSplicerRefusesSmallPipe(t *testing.T) {
 	if err != nil {
 		t.Fatalf("scenario as nobody: %v\n%s", err, out)
 	}
+	if bytes.Contains(out, []byte("--- SKIP: TestSplicerRefusesSmallPipe")) {
+		t.Skipf("scenario as nobody skipped:\n%s", out)
+	}
 	if !bytes.Contains(out, []byte("--- PASS: TestSplicerRefusesSmallPipe")) {
 		t.Fatalf("scenario did not run:\n%s", out)
 	}
@@ -205,7 +208,9 @@ func TestSplicerRefusesSmallPipe(t *testing.T) {
 func smallPipeScenario(t *testing.T) {
 	for {
 		var p [2]int
-		if err := syscall.Pipe2(p[:], syscall.O_CLOEXEC); err != nil {
+		if err := syscall.Pipe2(p[:], syscall.O_CLOEXEC); err == syscall.EMFILE || err == syscall.ENFILE {
+			t.Skip("out of descriptors before the pipe quota was spent")
+		} else if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { syscall.Close(p[0]); syscall.Close(p[1]) })
