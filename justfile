@@ -9,7 +9,7 @@ test:
     go vet ./...
     go test -race ./...
 
-# Hot-path micro-benchmarks (ClientHello parser, route lookup, firewall, PROXY parser, reload, L7 relay headers).
+# Hot-path micro-benchmarks (ClientHello parser, route lookup, L4 connection and bulk relay, firewall, PROXY parser, reload, L7 relay headers).
 bench:
     go test -run XXX -bench . -benchmem ./clienthello/ ./proxy/ ./firewall/ ./proxyproto/ ./reload/ ./l7/
 

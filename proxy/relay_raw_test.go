@@ -81,7 +81,7 @@ func TestChunkWriterReportsReset(t *testing.T) {
 }
 
 // tcpPair is a connected pair of loopback sockets.
-func tcpPair(t *testing.T) (a, b *net.TCPConn) {
+func tcpPair(t testing.TB) (a, b *net.TCPConn) {
 	t.Helper()
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
