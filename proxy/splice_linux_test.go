@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"crypto/sha256"
+	"crypto/tls"
 	"io"
 	"net"
 	"os"
@@ -154,6 +155,54 @@ func TestRelayWithoutPipe(t *testing.T) {
 	}
 	if c := testutil.ToFloat64(noPipe); c != 1 {
 		t.Fatalf("counted %v directions without a pipe, want 1", c)
+	}
+}
+
+// TestBulkRelayWithoutDescriptors: a proxy that has run out of
+// descriptors keeps relaying the connections it has. Both directions of
+// a connection that starts moving bulk data then cannot get a pipe; they
+// copy by read/write, every byte comes back intact, and
+// portcullis_relay_pipe_unavailable_total counts the two directions.
+func TestBulkRelayWithoutDescriptors(t *testing.T) {
+	const size = 8 << 20
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "bulk.test"})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		io.Copy(c, c) // echo
+		c.CloseWrite()
+	})
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("bulk.test", backend))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Minute))
+	c.Write(hello)
+	// A round trip first, so the relay is running before the limit bites.
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+
+	exhaustDescriptors(t)
+	data := make([]byte, size)
+	for i := range data {
+		data[i] = byte(i * 13)
+	}
+	go func() {
+		c.Write(data)
+		c.(*net.TCPConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back %d bytes (%v), want the %d sent", len(got), err, size)
+	}
+	if n := testutil.ToFloat64(h.srv.metrics.noPipe); n != 2 {
+		t.Fatalf("portcullis_relay_pipe_unavailable_total = %v, want 2", n)
 	}
 }
 
