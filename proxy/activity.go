@@ -21,10 +21,12 @@ func newActivity(a, b *net.TCPConn) *activity {
 	return &activity{sockets: [2]*net.TCPConn{a, b}}
 }
 
-// count sums the bytes the kernel has received on both sockets. It is
+// count sums the bytes received and acknowledged on both sockets (see
+// bytesMoved): it changes whenever a byte moves either way on either
+// side, including a slow peer taking what a blocked write offers. It is
 // read only when an idle check fires, never per chunk.
 func (a *activity) count() uint64 {
-	return bytesReceived(a.sockets[0]) + bytesReceived(a.sockets[1])
+	return bytesMoved(a.sockets[0]) + bytesMoved(a.sockets[1])
 }
 
 // lastEOF records that a direction reached its source's EOF and reports

@@ -507,6 +507,91 @@ idle_timeout = "400ms"
 	})
 }
 
+// TestIdleTimeoutStalledReader: a client that half-closes its side and
+// then reads nothing leaves the relay with one direction done and the
+// other blocked writing to it. No byte moves either way, so idle_timeout
+// must close the relay as it would any other silent one; the backend's
+// write then fails.
+func TestIdleTimeoutStalledReader(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "stall.test"})
+	wrote := make(chan error, 1)
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		io.Copy(io.Discard, c) // until the client's half-close
+		// Far more than every buffer between here and the client holds.
+		_, err := c.Write(make([]byte, 64<<20))
+		wrote <- err
+	})
+	h := startProxy(t, `
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+idle_timeout = "400ms"
+`+routeTOML("stall.test", backend))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(hello)
+	c.(*net.TCPConn).CloseWrite()
+	select {
+	case err := <-wrote:
+		if err == nil {
+			t.Fatal("the backend wrote 64 MiB to a client that reads nothing")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a relay blocked on a client that stopped reading was not closed by idle_timeout")
+	}
+}
+
+// TestIdleTimeoutSlowReader: a client that reads a download slowly,
+// pausing for less than idle_timeout each time, keeps a relay whose
+// writes to it time out again and again; every byte arrives.
+func TestIdleTimeoutSlowReader(t *testing.T) {
+	const size = 1 << 20
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "slow.test"})
+	data := make([]byte, size)
+	for i := range data {
+		data[i] = byte(i * 11)
+	}
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		c.Write(data)
+		c.CloseWrite()
+		io.Copy(io.Discard, c)
+	})
+	h := startProxy(t, `
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+idle_timeout = "400ms"
+`+routeTOML("slow.test", backend))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.(*net.TCPConn).SetReadBuffer(32 << 10)
+	c.SetDeadline(time.Now().Add(time.Minute))
+	c.Write(hello)
+	var got []byte
+	buf := make([]byte, 64<<10)
+	for {
+		time.Sleep(100 * time.Millisecond)
+		n, err := io.ReadFull(c, buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			break
+		}
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("read %d bytes, want all %d intact: the relay was cut while the client was reading", len(got), size)
+	}
+}
+
 func TestMaxConnections(t *testing.T) {
 	hello := clientHelloBytes(t, &tls.Config{ServerName: "cap.test"})
 	backend := rawBackend(t, func(c *net.TCPConn) {

@@ -97,12 +97,15 @@ var chunks = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b
 // that fills a whole chunk switches the direction to splice, where bulk
 // payload stays in the kernel.
 //
-// The idle timeout is a read deadline on src, re-armed every quarter
-// period. When it fires, the kernel's per-socket receive counters tell
-// whether anything moved on either socket in either direction since the
-// last check; only a connection silent in both directions for the whole
-// period is closed. Read deadlines are safe with splice: a timeout can
-// only interrupt the wait for src, when the pipe is empty (see splicer).
+// The idle timeout is a read deadline on src and a write deadline on
+// dst, re-armed every quarter period: a direction can be stuck either
+// waiting for its source or waiting for its destination to take more (a
+// client that stopped reading). When one fires, the kernel's per-socket
+// counters of bytes received and bytes acknowledged tell whether
+// anything moved on either socket in either direction since the last
+// check; only a connection silent in both directions for the whole
+// period is closed. A write that times out keeps what it has not written
+// yet, in its buffer or pipe, and the next step writes that first.
 func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activity, noPipe prometheus.Counter) (int64, string) {
 	var total int64
 	tick := idle / 4
@@ -127,6 +130,7 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 			if now := time.Now(); armed.Sub(now) < tick/2 {
 				armed = now.Add(tick)
 				src.SetReadDeadline(armed)
+				dst.SetWriteDeadline(armed)
 			}
 		}
 		n, err := d.step(noPipe)
@@ -175,6 +179,7 @@ type direction struct {
 	rc, wrc  syscall.RawConn
 	cr       chunkReader
 	cw       chunkWriter
+	pending  *[]byte            // the chunk cw is writing, kept across a write timeout
 	read     func(uintptr) bool // cr.read and cw.write, made once
 	write    func(uintptr) bool
 	sp       *splicer // from the first full chunk on
@@ -261,34 +266,46 @@ func (cr *chunkReader) read(fd uintptr) bool {
 }
 
 // copyChunk waits until src is readable, reads once and writes what it
-// got to dst. full reports a read that filled the buffer. It returns
-// io.EOF at src's end of stream.
+// got to dst. full reports a chunk that filled the buffer, once all of
+// it is written. It returns io.EOF at src's end of stream. When the
+// write times out, the chunk stays pending and the next call writes the
+// rest of it before reading again.
 func (d *direction) copyChunk() (n int64, full bool, err error) {
 	cr, cw := &d.cr, &d.cw
-	if err := d.rc.Read(d.read); err != nil {
-		if cr.buf != nil {
-			chunks.Put(cr.buf)
-			cr.buf = nil
+	if d.pending == nil {
+		if err := d.rc.Read(d.read); err != nil {
+			if cr.buf != nil {
+				chunks.Put(cr.buf)
+				cr.buf = nil
+			}
+			return 0, false, err
 		}
-		return 0, false, err
-	}
-	buf := cr.buf
-	cr.buf = nil
-	if cr.err != nil || cr.got == 0 {
-		chunks.Put(buf)
-		if cr.err != nil {
-			return 0, false, os.NewSyscallError("read", cr.err)
+		buf := cr.buf
+		cr.buf = nil
+		if cr.err != nil || cr.got == 0 {
+			chunks.Put(buf)
+			if cr.err != nil {
+				return 0, false, os.NewSyscallError("read", cr.err)
+			}
+			return 0, false, io.EOF
 		}
-		return 0, false, io.EOF
+		d.pending = buf
+		*cw = chunkWriter{p: (*buf)[:cr.got]}
 	}
-	*cw = chunkWriter{p: (*buf)[:cr.got]}
+	before := cw.n
 	err = d.wrc.Write(d.write)
+	n = int64(cw.n - before)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return n, false, err
+	}
+	full = len(cw.p) == len(*d.pending)
 	cw.p = nil
-	chunks.Put(buf)
+	chunks.Put(d.pending)
+	d.pending = nil
 	if err == nil && cw.err != nil {
 		err = os.NewSyscallError("write", cw.err)
 	}
-	return int64(cw.n), err == nil && cr.got == len(*buf), err
+	return n, err == nil && full, err
 }
 
 // chunkWriter writes one chunk to a raw socket, waiting for room when

@@ -2,11 +2,15 @@ package proxy
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
+	"os"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TestChunkWriterWaitsForRoom drives the relay's raw write through a
@@ -77,6 +81,75 @@ func TestChunkWriterReportsReset(t *testing.T) {
 	}
 	if r := endReason(cw.err, "backend"); r != "backend_reset" && r != "client_reset" {
 		t.Fatalf("end reason %q", r)
+	}
+}
+
+// TestWriteTimeoutKeepsChunk: a write that times out because the
+// destination's reader paused keeps the unwritten rest of its chunk, and
+// the next step writes that before reading more, so the stream arrives
+// whole and in order: by read/write and by splice.
+func TestWriteTimeoutKeepsChunk(t *testing.T) {
+	for _, mode := range []string{"readwrite", "splice"} {
+		t.Run(mode, func(t *testing.T) {
+			writer, src := tcpPair(t)
+			dst, reader := tcpPair(t)
+			dst.SetWriteBuffer(128 << 10)
+			reader.SetReadBuffer(128 << 10)
+			d, err := newDirection(dst, src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.pipeless = mode == "readwrite"
+			defer func() { d.sp.close() }() // d.sp is set by the first full chunk
+
+			data := make([]byte, 4<<20)
+			for i := range data {
+				data[i] = byte(i * 17)
+			}
+			go func() {
+				writer.Write(data)
+				writer.CloseWrite()
+			}()
+			got := make(chan []byte, 1)
+			go func() {
+				time.Sleep(200 * time.Millisecond) // many write timeouts' worth
+				b, _ := io.ReadAll(reader)
+				got <- b
+			}()
+			noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "no_pipe"})
+			var total int64
+			timeouts := 0
+			readDeadline := time.Now().Add(time.Minute)
+			src.SetReadDeadline(readDeadline)
+			for {
+				if time.Now().After(readDeadline) {
+					t.Fatalf("stalled after %d bytes", total)
+				}
+				dst.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
+				n, err := d.step(noPipe)
+				total += n
+				if err == io.EOF {
+					break
+				}
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					timeouts++
+					continue
+				}
+				if err != nil {
+					t.Fatalf("after %d bytes: %v", total, err)
+				}
+			}
+			dst.CloseWrite()
+			if timeouts == 0 {
+				t.Fatal("no write timed out, so nothing was resumed")
+			}
+			if (d.sp != nil) != (mode == "splice") {
+				t.Fatalf("%s: splicer in use: %v", mode, d.sp != nil)
+			}
+			if b := <-got; total != int64(len(data)) || !bytes.Equal(b, data) {
+				t.Fatalf("moved %d bytes, %d arrived; want all %d intact", total, len(b), len(data))
+			}
+		})
 	}
 }
 

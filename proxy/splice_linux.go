@@ -38,7 +38,8 @@ var (
 // waits for readiness through the sockets' RawConns, so deadlines and
 // closes interrupt it as they do a read or a write. The pipe is made
 // with the splicer and kept until the direction ends; it is empty
-// between chunks.
+// between chunks, except after a write that timed out, whose rest the
+// next chunk writes first.
 type splicer struct {
 	src, dst syscall.RawConn
 	rfd, wfd int // the pipe's ends; -1 once closed
@@ -64,17 +65,20 @@ func newSplicer(d *direction) (*splicer, error) {
 }
 
 // chunk moves what src holds now, up to maxSplice bytes, through the
-// pipe to dst. It returns io.EOF at src's end of stream.
+// pipe to dst; or, if a write timed out last time, what the pipe still
+// holds. It returns io.EOF at src's end of stream.
 func (s *splicer) chunk() (int64, error) {
-	s.inPipe, s.moved, s.err = 0, 0, nil
-	if err := s.src.Read(s.drain); err != nil {
-		return 0, err
-	}
-	if s.err != nil {
-		return 0, os.NewSyscallError("splice", s.err)
-	}
+	s.moved, s.err = 0, nil
 	if s.inPipe == 0 {
-		return 0, io.EOF
+		if err := s.src.Read(s.drain); err != nil {
+			return 0, err
+		}
+		if s.err != nil {
+			return 0, os.NewSyscallError("splice", s.err)
+		}
+		if s.inPipe == 0 {
+			return 0, io.EOF
+		}
 	}
 	err := s.dst.Write(s.pump)
 	switch {
