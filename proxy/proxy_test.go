@@ -547,8 +547,9 @@ idle_timeout = "400ms"
 }
 
 // TestIdleTimeoutSlowReader: a client that reads a download slowly,
-// pausing for less than idle_timeout each time, keeps a relay whose
-// writes to it time out again and again; every byte arrives.
+// pausing longer than the idle check's period but well under
+// idle_timeout each time, keeps a relay whose writes to it time out
+// again and again; every byte arrives.
 func TestIdleTimeoutSlowReader(t *testing.T) {
 	const size = 1 << 20
 	hello := clientHelloBytes(t, &tls.Config{ServerName: "slow.test"})
@@ -567,7 +568,7 @@ func TestIdleTimeoutSlowReader(t *testing.T) {
 [[listener]]
 name = "l"
 listen = "127.0.0.1:0"
-idle_timeout = "400ms"
+idle_timeout = "1s"
 `+routeTOML("slow.test", backend))
 	c, err := net.Dial("tcp", h.addr("l"))
 	if err != nil {
@@ -578,9 +579,9 @@ idle_timeout = "400ms"
 	c.SetDeadline(time.Now().Add(time.Minute))
 	c.Write(hello)
 	var got []byte
-	buf := make([]byte, 64<<10)
+	buf := make([]byte, 128<<10)
 	for {
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(300 * time.Millisecond) // the check runs every 250 ms
 		n, err := io.ReadFull(c, buf)
 		got = append(got, buf[:n]...)
 		if err != nil {
