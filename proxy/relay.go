@@ -216,6 +216,9 @@ func (d *direction) step(noPipe prometheus.Counter) (int64, error) {
 		if d.sp, perr = newSplicer(d); perr != nil {
 			d.pipeless = true
 			noPipe.Inc()
+			// Still bulk: cap the destination's unsent queue as a
+			// splicer would (see limitUnsent).
+			d.wrc.Control(limitUnsent)
 		}
 	}
 	return n, err

@@ -156,6 +156,9 @@ func TestRelayWithoutPipe(t *testing.T) {
 	if c := testutil.ToFloat64(noPipe); c != 1 {
 		t.Fatalf("counted %v directions without a pipe, want 1", c)
 	}
+	if lowat := notSentLowat(t, dst); lowat != maxSplice {
+		t.Fatalf("destination's TCP_NOTSENT_LOWAT is %d, want %d as for a spliced direction", lowat, maxSplice)
+	}
 }
 
 // TestBulkRelayWithoutDescriptors: a proxy that has run out of

@@ -24,3 +24,7 @@ func (s *splicer) chunk() (int64, error) {
 }
 
 func (s *splicer) close() {}
+
+// limitUnsent is Linux's TCP_NOTSENT_LOWAT cap; elsewhere the send
+// queue keeps the platform's own limit.
+func limitUnsent(uintptr) {}
