@@ -245,14 +245,8 @@ func TestLargeTransferIntact(t *testing.T) {
 		io.Copy(c, c) // echo everything back
 		c.CloseWrite()
 	})
-	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("bulk.test", backend))
-	c, err := net.Dial("tcp", h.addr("l"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	h, c := activeRelay(t, hello, "bulk.test", backend)
 	c.SetDeadline(time.Now().Add(2 * time.Minute))
-	c.Write(hello)
 
 	sent := sha256.New()
 	go func() {
@@ -523,18 +517,7 @@ func TestIdleTimeoutStalledReader(t *testing.T) {
 		_, err := c.Write(make([]byte, 64<<20))
 		wrote <- err
 	})
-	h := startProxy(t, `
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-idle_timeout = "400ms"
-`+routeTOML("stall.test", backend))
-	c, err := net.Dial("tcp", h.addr("l"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write(hello)
+	_, c := activeRelay(t, hello, "stall.test", backend, `idle_timeout = "400ms"`)
 	c.(*net.TCPConn).CloseWrite()
 	select {
 	case err := <-wrote:
@@ -553,10 +536,7 @@ idle_timeout = "400ms"
 func TestIdleTimeoutSlowReader(t *testing.T) {
 	const size = 1 << 20
 	hello := clientHelloBytes(t, &tls.Config{ServerName: "slow.test"})
-	data := make([]byte, size)
-	for i := range data {
-		data[i] = byte(i * 11)
-	}
+	data := randomBytes(size)
 	backend := rawBackend(t, func(c *net.TCPConn) {
 		c.SetDeadline(time.Now().Add(time.Minute))
 		io.ReadFull(c, make([]byte, len(hello)))
@@ -564,20 +544,8 @@ func TestIdleTimeoutSlowReader(t *testing.T) {
 		c.CloseWrite()
 		io.Copy(io.Discard, c)
 	})
-	h := startProxy(t, `
-[[listener]]
-name = "l"
-listen = "127.0.0.1:0"
-idle_timeout = "1s"
-`+routeTOML("slow.test", backend))
-	c, err := net.Dial("tcp", h.addr("l"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	_, c := activeRelay(t, hello, "slow.test", backend, `idle_timeout = "1s"`)
 	c.(*net.TCPConn).SetReadBuffer(32 << 10)
-	c.SetDeadline(time.Now().Add(time.Minute))
-	c.Write(hello)
 	var got []byte
 	buf := make([]byte, 128<<10)
 	for {
@@ -677,15 +645,22 @@ func TestShutdownDrains(t *testing.T) {
 
 // activeRelay starts a proxy with one listener "l" routing sni to
 // backend, sends hello through it and waits until the connection counts
-// as active. The connection is closed when the test ends.
-func activeRelay(t *testing.T, hello []byte, sni, backend string) (*harness, net.Conn) {
+// as active. listenerKeys are extra lines for the listener's table, such
+// as `idle_timeout = "1s"`. The connection has a one-minute deadline and
+// is closed when the test ends.
+func activeRelay(t *testing.T, hello []byte, sni, backend string, listenerKeys ...string) (*harness, net.Conn) {
 	t.Helper()
-	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML(sni, backend))
+	toml := "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"
+	for _, k := range listenerKeys {
+		toml += k + "\n"
+	}
+	h := startProxy(t, toml+routeTOML(sni, backend))
 	c, err := net.Dial("tcp", h.addr("l"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(time.Minute))
 	c.Write(hello)
 	testnet.WaitFor(t, "active", func() bool { return h.srv.Status()[0].Active == 1 })
 	return h, c

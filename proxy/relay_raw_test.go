@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"syscall"
@@ -102,10 +103,7 @@ func TestWriteTimeoutKeepsChunk(t *testing.T) {
 			d.pipeless = mode == "readwrite"
 			defer func() { d.sp.close() }() // d.sp is set by the first full chunk
 
-			data := make([]byte, 4<<20)
-			for i := range data {
-				data[i] = byte(i * 17)
-			}
+			data := randomBytes(4 << 20)
 			go func() {
 				writer.Write(data)
 				writer.CloseWrite()
@@ -151,6 +149,14 @@ func TestWriteTimeoutKeepsChunk(t *testing.T) {
 			}
 		})
 	}
+}
+
+// randomBytes returns n bytes that never repeat a pattern, so data that
+// arrives reordered or twice cannot compare equal to what was sent.
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	rand.NewChaCha8([32]byte{1}).Read(b)
+	return b
 }
 
 // tcpPair is a connected pair of loopback sockets.

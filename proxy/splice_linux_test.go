@@ -29,10 +29,7 @@ func TestSplicerMovesStreamIntact(t *testing.T) {
 	dst.SetWriteBuffer(64 << 10)
 	reader.SetReadBuffer(64 << 10)
 
-	data := make([]byte, 8<<20)
-	for i := range data {
-		data[i] = byte(i * 31)
-	}
+	data := randomBytes(8 << 20)
 	go func() {
 		writer.Write(data)
 		writer.CloseWrite()
@@ -123,10 +120,7 @@ func TestSplicerReportsDeadline(t *testing.T) {
 func TestRelayWithoutPipe(t *testing.T) {
 	writer, src := tcpPair(t)
 	dst, reader := tcpPair(t)
-	data := make([]byte, 8<<20)
-	for i := range data {
-		data[i] = byte(i * 7)
-	}
+	data := randomBytes(8 << 20)
 	exhaustDescriptors(t)
 	var fds [2]int
 	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC); err != syscall.EMFILE {
@@ -175,14 +169,7 @@ func TestBulkRelayWithoutDescriptors(t *testing.T) {
 		io.Copy(c, c) // echo
 		c.CloseWrite()
 	})
-	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("bulk.test", backend))
-	c, err := net.Dial("tcp", h.addr("l"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(time.Minute))
-	c.Write(hello)
+	h, c := activeRelay(t, hello, "bulk.test", backend)
 	// A round trip first, so the relay is running before the limit bites.
 	if _, err := c.Write([]byte("ping")); err != nil {
 		t.Fatal(err)
@@ -192,10 +179,7 @@ func TestBulkRelayWithoutDescriptors(t *testing.T) {
 	}
 
 	exhaustDescriptors(t)
-	data := make([]byte, size)
-	for i := range data {
-		data[i] = byte(i * 13)
-	}
+	data := randomBytes(size)
 	go func() {
 		c.Write(data)
 		c.(*net.TCPConn).CloseWrite()
