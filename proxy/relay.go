@@ -115,7 +115,7 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 	// at worst delays the idle verdict by one tick.
 	var lastSeen uint64
 	lastChange := time.Now()
-	var armed time.Time // the read deadline now set on src
+	var armed time.Time // the read deadline now set on src, and the write deadline on dst
 	d, err := newDirection(dst, src)
 	if err != nil { // only for a connection already closed
 		act.close(endReason(err, srcName))
@@ -211,7 +211,7 @@ func (d *direction) step(noPipe prometheus.Counter) (int64, error) {
 		return d.sp.chunk()
 	}
 	n, full, err := d.copyChunk()
-	if full && !d.pipeless {
+	if full && spliceAvailable && !d.pipeless {
 		var perr error
 		if d.sp, perr = newSplicer(d); perr != nil {
 			d.pipeless = true

@@ -16,6 +16,9 @@ import (
 func BenchmarkRelayBulk(b *testing.B) {
 	for _, mode := range []string{"splice", "readwrite"} {
 		b.Run(mode, func(b *testing.B) {
+			if mode == "splice" && !spliceAvailable {
+				b.Skip("no splice on this platform")
+			}
 			writer, src := tcpPair(b)
 			dst, reader := tcpPair(b)
 			d, err := newDirection(dst, src)

@@ -10,6 +10,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// spliceAvailable says bulk directions switch to splice here.
+const spliceAvailable = true
+
 // maxSplice is the most one chunk moves; the pipe is sized to hold it,
 // and it is also the cap on the destination's unsent bytes (see
 // limitUnsent). 256 KiB rather than more: every spliced direction pins

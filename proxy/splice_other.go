@@ -2,28 +2,24 @@
 
 package proxy
 
-import (
-	"io"
-	"net"
-)
+import "errors"
 
-// splicer hands the rest of a bulk direction to the runtime's own copy,
-// which uses whatever zero-copy path the platform has.
-type splicer struct{ dst, src *net.TCPConn }
+// spliceAvailable is false here: bulk directions stay on read/write,
+// whose writes keep what a write timeout left unwritten (see copyChunk).
+// The runtime's own (*net.TCPConn).ReadFrom would drop such a remainder.
+const spliceAvailable = false
 
-func newSplicer(d *direction) (*splicer, error) {
-	return &splicer{dst: d.dst, src: d.src}, nil
+// splicer exists for the compiler only; newSplicer is never called when
+// spliceAvailable is false.
+type splicer struct{}
+
+func newSplicer(*direction) (*splicer, error) {
+	return nil, errors.New("splice: not on this platform")
 }
 
-func (s *splicer) chunk() (int64, error) {
-	n, err := s.dst.ReadFrom(s.src)
-	if err == nil {
-		err = io.EOF // ReadFrom ends cleanly only at src's EOF
-	}
-	return n, err
-}
+func (*splicer) chunk() (int64, error) { return 0, errors.New("splice: not on this platform") }
 
-func (s *splicer) close() {}
+func (*splicer) close() {}
 
 // limitUnsent is Linux's TCP_NOTSENT_LOWAT cap; elsewhere the send
 // queue keeps the platform's own limit.
