@@ -107,16 +107,7 @@ func TestWriteTimeoutKeepsChunk(t *testing.T) {
 			defer func() { d.sp.close() }() // d.sp is set by the first full chunk
 
 			data := randomBytes(4 << 20)
-			go func() {
-				writer.Write(data)
-				writer.CloseWrite()
-			}()
-			got := make(chan []byte, 1)
-			go func() {
-				time.Sleep(200 * time.Millisecond) // many write timeouts' worth
-				b, _ := io.ReadAll(reader)
-				got <- b
-			}()
+			got := stream(writer, reader, data, 200*time.Millisecond) // many write timeouts' worth
 			noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "no_pipe"})
 			var total int64
 			timeouts := 0
@@ -152,6 +143,24 @@ func TestWriteTimeoutKeepsChunk(t *testing.T) {
 			}
 		})
 	}
+}
+
+// stream writes data to w in the background and then half-closes it.
+// The channel yields everything r receives up to EOF, read from after
+// readDelay so that the sockets between can fill up first.
+func stream(w, r *net.TCPConn, data []byte, readDelay time.Duration) <-chan []byte {
+	go func() {
+		w.Write(data)
+		w.CloseWrite()
+	}()
+	got := make(chan []byte, 1)
+	go func() {
+		time.Sleep(readDelay)
+		r.SetReadDeadline(time.Now().Add(time.Minute))
+		b, _ := io.ReadAll(r)
+		got <- b
+	}()
+	return got
 }
 
 // randomBytes returns n bytes that never repeat a pattern, so data that
