@@ -121,7 +121,16 @@ func (s *Server) Current() *Snapshot { return s.current.Load() }
 // old snapshot stays and the error names the listener.
 // Live connections are never touched; they finish on the snapshot they
 // started with.
-func (s *Server) Apply(snap *Snapshot) error {
+func (s *Server) Apply(snap *Snapshot) error { return s.ApplyWith(snap, nil) }
+
+// ApplyWith is Apply with a commit step between opening the new sockets
+// and swapping the pointer: commit runs only once the server has checked
+// that it is not shutting down and every new socket is open, and the
+// snapshot is published only if commit succeeds (otherwise the sockets
+// opened are closed and commit's error is returned). Shutdown cannot
+// begin in between, so a caller that stores a change in commit never
+// stores one that is then refused.
+func (s *Server) ApplyWith(snap *Snapshot, commit func() error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closing {
@@ -140,6 +149,14 @@ func (s *Server) Apply(snap *Snapshot) error {
 			return snap.cfg.KeyError(fmt.Sprintf("listener[%d].listen", i), err)
 		}
 		opened = append(opened, &runningListener{addr: lc.addr, ln: ln.(*net.TCPListener), done: make(chan struct{})})
+	}
+	if commit != nil {
+		if err := commit(); err != nil {
+			for _, rl := range opened {
+				rl.ln.Close()
+			}
+			return err
+		}
 	}
 
 	prev := s.current.Swap(snap)

@@ -198,15 +198,17 @@ func (m *Manager) Mutate(ctx context.Context, change func(*state.Overrides) erro
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrRejected, err)
 	}
-	if m.opts.Store != nil {
-		if err := write(ctx, m.opts.Store); err != nil {
-			m.opts.Server.Discard(snap)
-			return err
+	// The write runs inside Apply, after the server has checked that it
+	// is not shutting down: a server that refuses the snapshot (it is
+	// draining) must not leave the change stored, to surface at the
+	// next start after the caller was told it failed.
+	commit := func() error {
+		if m.opts.Store == nil {
+			return nil
 		}
+		return write(ctx, m.opts.Store)
 	}
-	if err := m.opts.Server.Apply(snap); err != nil {
-		// Only a server that is shutting down refuses; the change is
-		// stored and will apply at the next start.
+	if err := m.opts.Server.ApplyWith(snap, commit); err != nil {
 		m.opts.Server.Discard(snap)
 		return err
 	}
