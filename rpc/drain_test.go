@@ -2,11 +2,15 @@ package rpc_test
 
 import (
 	"context"
+	"io"
 	"slices"
 	"testing"
 	"time"
 
+	"github.com/portcullis/portcullis/rpc"
 	"github.com/portcullis/portcullis/rpc/adminpb"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 )
 
 // TestMutationDuringDrainChangesNothing: serve.go stops the proxy first
@@ -37,5 +41,51 @@ func TestMutationDuringDrainChangesNothing(t *testing.T) {
 	h.restart()
 	if _, ok := h.routes()["public/late.test"]; ok {
 		t.Errorf("after a restart, the route whose PutRoute failed is served")
+	}
+}
+
+// TestStopCutsStalledSnapshot: a client that opens a Snapshot stream and
+// never reads it (a suspended ctl) blocks the call in flow control. The
+// daemon's exit must not wait for it forever: Running.Stop lets calls
+// finish for its grace period, then cancels them.
+func TestStopCutsStalledSnapshot(t *testing.T) {
+	rpc.SetStopGrace(t, 200*time.Millisecond)
+	h := newHarness(t, fileConfig{})
+	h.fillRoutes(4000) // a database far larger than one flow-control window
+
+	// Fixed 64 KiB windows: no window growth while the client reads nothing.
+	conn, err := grpc.NewClient("unix:"+h.sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := adminpb.NewAdminClient(conn).Snapshot(ctx, &adminpb.SnapshotRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first chunk proves the call is running; the client then stops
+	// reading.
+	if _, err := stream.Recv(); err != nil {
+		t.Fatal(err)
+	}
+
+	stopped := make(chan struct{})
+	go func() { h.run.Stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(time.Minute): // a hang detector, far above the grace
+		t.Fatal("Running.Stop still waiting for the stalled Snapshot call after a minute")
+	}
+	// The stream was cut, not completed.
+	for {
+		if _, err := stream.Recv(); err != nil {
+			if err == io.EOF {
+				t.Fatal("the stalled Snapshot stream completed; want it cancelled")
+			}
+			break
+		}
 	}
 }

@@ -3,6 +3,7 @@ package rpc_test
 import (
 	"context"
 	"crypto/tls"
+	"database/sql"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -478,4 +479,34 @@ func echo(t *testing.T, c net.Conn) {
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// fillRoutes restarts the daemon on a database holding n route
+// overrides (r0.bulk.test … to the "new" backend), written directly in
+// one transaction rather than by n synced admin calls, as a long-lived
+// deployment would have them.
+func (h *harness) fillRoutes(n int) {
+	h.t.Helper()
+	h.stop()
+	db, err := sql.Open("sqlite3", filepath.Join(h.dir, "state.db"))
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer db.Close()
+	tx, err := db.Begin()
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	actor := "CN=" + strings.Repeat("operator", 20)
+	for i := range n {
+		sni := fmt.Sprintf("r%d.bulk.test", i)
+		route := fmt.Sprintf(`{"sni":%q,"mode":"l4","backend":%q}`, sni, h.backends["new"])
+		if _, err := tx.Exec(`INSERT INTO route_override (listener, sni, deleted, route, actor, updated_at) VALUES ('public', ?, 0, ?, ?, '2026-01-02T03:04:05Z')`, sni, route, actor); err != nil {
+			h.t.Fatal(err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		h.t.Fatal(err)
+	}
+	h.start()
 }

@@ -36,11 +36,34 @@ type Running struct {
 // Addrs returns the bound addresses (Unix socket first when configured).
 func (r *Running) Addrs() []net.Addr { return r.addrs }
 
-// Stop closes the sockets, letting calls in flight finish.
+// stopGrace is how long Stop lets admin calls in flight finish before it
+// cuts them. Calls are short, but a client that stops reading a Snapshot
+// stream (a suspended ctl, say) blocks its call in flow control for as
+// long as it likes, and without a bound the daemon could not exit.
+var stopGrace = 5 * time.Second
+
+// Stop closes the sockets, letting calls in flight finish for stopGrace (5 s),
+// then cancels the rest.
 func (r *Running) Stop() {
-	for _, s := range r.servers {
-		s.GracefulStop()
+	done := make(chan struct{})
+	go func() {
+		for _, s := range r.servers {
+			s.GracefulStop()
+		}
+		close(done)
+	}()
+	grace := time.NewTimer(stopGrace)
+	select {
+	case <-done:
+	case <-grace.C:
+		// Stop is grpc's way to abort a GracefulStop: it closes the
+		// transports, so blocked calls fail and GracefulStop returns.
+		for _, s := range r.servers {
+			s.Stop()
+		}
+		<-done
 	}
+	grace.Stop()
 	// Close the sockets here too: a Serve goroutine that had not started
 	// when GracefulStop ran closes its listener whenever it gets to run,
 	// and a Unix listener unlinks its path on Close — by then possibly a

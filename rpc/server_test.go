@@ -1105,31 +1105,8 @@ listen = "127.0.0.3:0"
 // overrides.
 func TestSnapshotLarge(t *testing.T) {
 	h := newHarness(t, fileConfig{})
-	h.stop()
-	// Fill the database directly (one transaction, not 4000 synced
-	// admin calls), as a long-lived deployment would have.
-	db, err := sql.Open("sqlite3", filepath.Join(h.dir, "state.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tx, err := db.Begin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	actor := "CN=" + strings.Repeat("operator", 20)
 	const n = 4000
-	for i := range n {
-		sni := fmt.Sprintf("r%d.bulk.test", i)
-		route := fmt.Sprintf(`{"sni":%q,"mode":"l4","backend":%q}`, sni, h.backends["new"])
-		if _, err := tx.Exec(`INSERT INTO route_override (listener, sni, deleted, route, actor, updated_at) VALUES ('public', ?, 0, ?, ?, '2026-01-02T03:04:05Z')`, sni, route, actor); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tx.Commit(); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
-	h.start()
+	h.fillRoutes(n)
 	h.wantBackend("public", "r3999.bulk.test", "new")
 
 	conn, err := grpc.NewClient("unix:"+h.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
