@@ -188,12 +188,16 @@ func Load(path string) (*Config, error) {
 // validates the result.
 func Parse(path string, data []byte) (*Config, error) {
 	c := &Config{Path: path}
+	lines, kinds := indexLines(data)
+	if err := durationTypeErrors(path, lines, kinds); err != nil {
+		return nil, err
+	}
 	dec := toml.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(c); err != nil {
 		return nil, decodeError(path, err)
 	}
-	c.lines = indexLines(data)
+	c.lines = lines
 	for i := range c.Listeners {
 		for j := range c.Listeners[i].Routes {
 			c.Listeners[i].Routes[j].Source = fmt.Sprintf("listener[%d].route[%d]", i, j)

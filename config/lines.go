@@ -1,6 +1,9 @@
 package config
 
 import (
+	"errors"
+	"fmt"
+	"reflect"
 	"sort"
 	"strconv"
 	"strings"
@@ -16,7 +19,10 @@ type lineTable map[string]int
 
 func (t lineTable) line(key string) int { return t[key] }
 
-func indexLines(data []byte) lineTable {
+// kindTable maps the same keys to the kind of TOML value written there.
+type kindTable map[string]unstable.Kind
+
+func indexLines(data []byte) (lineTable, kindTable) {
 	starts := []int{0}
 	for i, b := range data {
 		if b == '\n' {
@@ -28,6 +34,7 @@ func indexLines(data []byte) lineTable {
 	}
 
 	t := lineTable{}
+	kinds := kindTable{}
 	arrays := map[string]int{} // concrete array-table path -> last index
 	var table string           // concrete path of the current [table]
 
@@ -77,15 +84,16 @@ func indexLines(data []byte) lineTable {
 			t[table] = lineOf(first)
 		case unstable.KeyValue:
 			key := resolve(table, parts)
-			indexValue(t, key, e.Value(), lineOf(first), lineOf)
+			indexValue(t, kinds, key, e.Value(), lineOf(first), lineOf)
 		}
 	}
-	return t
+	return t, kinds
 }
 
-func indexValue(t lineTable, key string, v *unstable.Node, line int, lineOf func(uint32) int) {
+func indexValue(t lineTable, kinds kindTable, key string, v *unstable.Node, line int, lineOf func(uint32) int) {
 	if _, seen := t[key]; !seen {
 		t[key] = line
+		kinds[key] = v.Kind
 	}
 	switch v.Kind {
 	case unstable.Array:
@@ -96,14 +104,14 @@ func indexValue(t lineTable, key string, v *unstable.Node, line int, lineOf func
 			if n.Raw.Length > 0 {
 				l = lineOf(n.Raw.Offset)
 			}
-			indexValue(t, key+"["+strconv.Itoa(i)+"]", n, l, lineOf)
+			indexValue(t, kinds, key+"["+strconv.Itoa(i)+"]", n, l, lineOf)
 		}
 	case unstable.InlineTable:
 		it := v.Children()
 		for it.Next() {
 			kv := it.Node()
 			parts, first := keyParts(kv)
-			indexValue(t, key+"."+strings.Join(parts, "."), kv.Value(), lineOf(first), lineOf)
+			indexValue(t, kinds, key+"."+strings.Join(parts, "."), kv.Value(), lineOf(first), lineOf)
 		}
 	}
 }
@@ -118,4 +126,70 @@ func keyParts(e *unstable.Node) (parts []string, offset uint32) {
 		parts = append(parts, string(n.Data))
 	}
 	return parts, offset
+}
+
+// durationKeys are the schema's duration keys, array indexes left out
+// ("listener.idle_timeout"), read off the Config type's toml tags so a
+// new Duration field is covered without being listed here.
+var durationKeys = func() map[string]bool {
+	keys := map[string]bool{}
+	durationType := reflect.TypeFor[Duration]()
+	var walk func(t reflect.Type, prefix string)
+	walk = func(t reflect.Type, prefix string) {
+		for t.Kind() == reflect.Pointer || t.Kind() == reflect.Slice {
+			t = t.Elem()
+		}
+		if t.Kind() != reflect.Struct {
+			return
+		}
+		for f := range t.Fields() {
+			name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+			if name == "" || name == "-" {
+				continue
+			}
+			if f.Type == durationType {
+				keys[prefix+name] = true
+				continue
+			}
+			walk(f.Type, prefix+name+".")
+		}
+	}
+	walk(reflect.TypeFor[Config](), "")
+	return keys
+}()
+
+// durationTypeErrors reports duration keys written as something other
+// than a string. The decoder would store a bare integer as nanoseconds
+// (Duration is an int64), so `idle_timeout = 600` would mean 600ns.
+func durationTypeErrors(path string, lines lineTable, kinds kindTable) error {
+	var errs []error
+	for key, kind := range kinds {
+		if kind == unstable.String || !durationKeys[stripIndexes(key)] {
+			continue
+		}
+		errs = append(errs, &Error{File: path, Line: lines.line(key), Key: key,
+			Err: fmt.Errorf("must be a duration string such as \"5s\" or \"10m\", not %s", strings.ToLower(kind.String()))})
+	}
+	sort.Slice(errs, func(i, j int) bool {
+		a, b := errs[i].(*Error), errs[j].(*Error)
+		return a.Line < b.Line || a.Line == b.Line && a.Key < b.Key
+	})
+	return errors.Join(errs...)
+}
+
+// stripIndexes turns "listener[0].route[1].sni" into "listener.route.sni".
+func stripIndexes(key string) string {
+	var b strings.Builder
+	skip := false
+	for _, r := range key {
+		switch {
+		case r == '[':
+			skip = true
+		case r == ']':
+			skip = false
+		case !skip:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }

@@ -329,6 +329,11 @@ func canonicalHostPort(s string) (string, error) {
 	}
 	if a, err := netip.ParseAddr(host); err == nil {
 		host = a.Unmap().String()
+		if a.IsUnspecified() {
+			// ":443", "0.0.0.0:443" and "[::]:443" bind the same
+			// wildcard socket (Go listens dual-stack on both).
+			host = ""
+		}
 	}
 	return net.JoinHostPort(strings.ToLower(host), strconv.FormatUint(n, 10)), nil
 }
