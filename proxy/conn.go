@@ -86,7 +86,11 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		s.reject(rl, lc, c, reasonBlockedCountry, client, nil)
 		return
 	}
-	if snap.limiter != nil && !snap.limiter.Allow(client.Addr(), start) {
+	// The time of the check, not of the accept: a PROXY header may
+	// arrive up to handshake_timeout later (a load balancer that sends
+	// it with the client's first bytes), and a stale time would restart
+	// the source in the limiter, handing it a fresh budget.
+	if snap.limiter != nil && !snap.limiter.Allow(client.Addr(), time.Now()) {
 		s.reject(rl, lc, c, reasonRateLimited, client, nil)
 		return
 	}

@@ -692,3 +692,53 @@ func TestFirewallLimiterAcrossReloads(t *testing.T) {
 	f.pass("127.0.0.1", 3)
 	f.refuse("127.0.0.1", "rate_limited")
 }
+
+// TestRateLimitLatePROXYHeader: a trusted sender that forwards the PROXY
+// header only with the client's first bytes (AWS NLB's default,
+// header_placement = on_first_ack_with_payload) lets the client choose
+// when the limiter is consulted, up to handshake_timeout after accept. A
+// connection held silent for longer than the window must not hand its
+// source a fresh budget.
+func TestRateLimitLatePROXYHeader(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "pp.test"})
+	backend := sniffBackend(t, hello)
+	// window 2800ms: sub-windows of 400ms; handshake_timeout well above.
+	listener := ppListenerTOML("pp", "pp.test", backend, `handshake_timeout = "30s"`)
+	h := startProxy(t, "[firewall]\nrate_limit = { connections = 1, window = \"2800ms\" }\n"+listener)
+	addr := h.addr("pp")
+	const src = "198.51.100.77"
+	header := []byte(fmt.Sprintf("PROXY TCP4 %s 192.0.2.1 4242 443\r\n", src))
+	msg := append(append(append([]byte(nil), header...), hello...), afterHello...)
+
+	// The held connection: accepted now, header sent much later.
+	late := dialFrom(t, "", addr)
+	testnet.WaitFor(t, "the held connection accepted", func() bool {
+		st := h.srv.Status()
+		return len(st) == 1 && st[0].Active == 1
+	})
+	time.Sleep(4 * time.Second) // 10 sub-windows: past the limiter's clock-step rule
+
+	// The source spends its budget of one...
+	if got, _ := askSniff(t, "", addr, header, hello); got.Src.Addr().String() != src || got.Problem != "" {
+		t.Fatalf("first connection: backend saw %+v", got)
+	}
+	before := h.rejected("pp", "rate_limited")
+	c := dialFrom(t, "", addr)
+	c.Write(msg)
+	if line, err := readLine(c); err == nil {
+		t.Fatalf("precondition: second connection got through (%q)", line)
+	}
+	testnet.WaitFor(t, "rate_limited counted", func() bool { return h.rejected("pp", "rate_limited") == before+1 })
+
+	// ...then the held connection finally sends its header.
+	late.Write(msg)
+	if line, err := readLine(late); err == nil {
+		t.Errorf("held connection got through within the window: %q", line)
+	}
+	// And the next ordinary connection from the same source.
+	c = dialFrom(t, "", addr)
+	c.Write(msg)
+	if line, err := readLine(c); err == nil {
+		t.Errorf("connection after the held one got through within the window: %q", line)
+	}
+}
