@@ -16,11 +16,13 @@ import (
 
 // Watch reloads the config file whenever it changes, until ctx is done.
 //
-// It watches the file's directory, not the file: editors save by writing
-// a temporary file and renaming it over the original, and Kubernetes
+// It watches directories, not the file: editors save by writing a
+// temporary file and renaming it over the original, and Kubernetes
 // updates a ConfigMap volume by swapping the "..data" symlink, and in
-// both cases a watch on the old inode would go quiet forever. Events for
-// other names in the directory (the SQLite database usually lives there)
+// both cases a watch on the old inode would go quiet forever. Every
+// symlink on the way to the file is followed and the directory holding
+// it watched, as are the file's directory and its parent; events for
+// other names (the SQLite database usually lives next to the config)
 // are ignored. A burst of events is coalesced into one reload after
 // Options.Debounce of quiet; a reload whose file parses to the same
 // content as the one serving does nothing.
@@ -30,15 +32,16 @@ func (m *Manager) Watch(ctx context.Context) error {
 		return err
 	}
 	defer w.Close()
-	dir := filepath.Dir(m.opts.Path)
-	if err := w.Add(dir); err != nil {
+	// The directories to watch and the names in them that matter are
+	// worked out from the path as it resolves now, and again before every
+	// reload: a symlink swap (Kubernetes' ..data, `ln -sfn` of the file
+	// or of a directory on its path) or a directory deleted and made
+	// again changes which directories must be watched.
+	names, err := m.watchPaths(w, true)
+	if err != nil {
 		return err
 	}
-	// If the config is a symlink to a file in another directory, watch
-	// that one as well so edits of the target are seen.
-	target := m.watchTarget(w, dir, "")
 
-	base := filepath.Base(m.opts.Path)
 	// A change made between Start's load and the watch being set up
 	// would otherwise wait for the next edit: check once now. An
 	// unchanged file is recognised by its hash and costs nothing.
@@ -61,7 +64,7 @@ func (m *Manager) Watch(ctx context.Context) error {
 			if !ok {
 				return nil
 			}
-			if !m.relevant(ev, base, target) {
+			if ev.Op == fsnotify.Chmod || !names[filepath.Clean(ev.Name)] {
 				continue
 			}
 			if timer == nil {
@@ -72,7 +75,7 @@ func (m *Manager) Watch(ctx context.Context) error {
 			}
 		case <-fire:
 			timer, fire = nil, nil
-			target = m.watchTarget(w, dir, target)
+			names, _ = m.watchPaths(w, false)
 			if _, err := os.Stat(m.opts.Path); errors.Is(err, fs.ErrNotExist) {
 				// Between the delete and the re-create of some save
 				// styles: not a failed reload, the create event follows.
@@ -92,41 +95,95 @@ func (m *Manager) Watch(ctx context.Context) error {
 	}
 }
 
-// relevant reports whether an event may have changed the config file.
-func (m *Manager) relevant(ev fsnotify.Event, base, target string) bool {
-	if ev.Op == fsnotify.Chmod {
-		return false
+// watchPaths resolves the config path and makes w watch every directory
+// whose entries decide what the path reads: the one holding each
+// symlink met on the way, the one holding the file, and that one's
+// parent (so a deleted and re-made directory is seen). It returns the
+// set of paths (real directories, as fsnotify names events) whose
+// changes matter. Watches no longer needed are removed. On the initial
+// call a failure to watch the file's own directory is returned; later
+// failures are logged and retried at the next event.
+func (m *Manager) watchPaths(w *fsnotify.Watcher, initial bool) (map[string]bool, error) {
+	names := map[string]bool{}
+	dirs := map[string]bool{}
+	links, final, missing := resolveChain(m.opts.Path)
+	for _, l := range links {
+		names[l] = true
+		dirs[filepath.Dir(l)] = true
 	}
-	name := filepath.Base(ev.Name)
-	if name == base || strings.HasPrefix(name, "..") { // "..data" and friends
-		return true
+	if missing != "" {
+		// A component does not exist (yet): watch for it to appear.
+		names[missing] = true
+		dirs[filepath.Dir(missing)] = true
+	} else {
+		d := filepath.Dir(final)
+		names[final], names[d] = true, true
+		dirs[d], dirs[filepath.Dir(d)] = true, true
 	}
-	return target != "" && filepath.Clean(ev.Name) == target
+	var fileDirErr error
+	for d := range dirs {
+		if err := w.Add(d); err != nil {
+			if final != "" && d == filepath.Dir(final) {
+				fileDirErr = err
+			}
+			m.log.Debug("watching config directory", "dir", d, "err", err)
+		}
+	}
+	for _, d := range w.WatchList() {
+		if !dirs[d] {
+			w.Remove(d)
+		}
+	}
+	if initial && fileDirErr != nil {
+		return names, fileDirErr
+	}
+	return names, nil
 }
 
-// watchTarget follows a symlinked config file to the directory of its
-// target, adding a watch there when it is outside dir. It returns the
-// resolved target path ("" when the config is not a symlink elsewhere).
-func (m *Manager) watchTarget(w *fsnotify.Watcher, dir, prev string) string {
-	resolved, err := filepath.EvalSymlinks(m.opts.Path)
+// resolveChain follows path the way the kernel does, component by
+// component. It returns every symlink met (as real directory + name),
+// the resolved file, and, when a component does not exist, the real path
+// of that component instead of a resolved file.
+func resolveChain(path string) (links []string, final, missing string) {
+	abs, err := filepath.Abs(path)
 	if err != nil {
-		return prev
+		return nil, filepath.Clean(path), ""
 	}
-	resolved = filepath.Clean(resolved)
-	tdir := filepath.Dir(resolved)
-	realDir, _ := filepath.EvalSymlinks(dir)
-	if tdir == dir || tdir == realDir || strings.HasPrefix(filepath.Base(tdir), "..") {
-		return "" // same directory, or a Kubernetes ..data layout
-	}
-	if prev != resolved {
-		if prev != "" {
-			w.Remove(filepath.Dir(prev))
+	resolved := string(filepath.Separator)
+	rest := strings.Split(abs, string(filepath.Separator))
+	for hops := 0; len(rest) > 0; {
+		c := rest[0]
+		rest = rest[1:]
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			resolved = filepath.Dir(resolved)
+			continue
 		}
-		if err := w.Add(tdir); err != nil {
-			m.log.Warn("watching config symlink target", "dir", tdir, "err", err)
+		next := filepath.Join(resolved, c)
+		fi, err := os.Lstat(next)
+		if err != nil {
+			return links, "", next
 		}
+		if fi.Mode()&fs.ModeSymlink == 0 {
+			resolved = next
+			continue
+		}
+		links = append(links, next)
+		if hops++; hops > 40 {
+			return links, "", next
+		}
+		target, err := os.Readlink(next)
+		if err != nil {
+			return links, "", next
+		}
+		if filepath.IsAbs(target) {
+			resolved = string(filepath.Separator)
+		}
+		rest = append(strings.Split(target, string(filepath.Separator)), rest...)
 	}
-	return resolved
+	return links, resolved, ""
 }
 
 // fileChanged reports whether the file now parses to something other

@@ -1,0 +1,130 @@
+package reload
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/portcullis/portcullis/testnet"
+)
+
+// TestWatchSymlinkToFileInSameDir: portcullis.toml -> portcullis.prod.toml
+// in the same directory; editing the target must reload.
+func TestWatchSymlinkToFileInSameDir(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	dir := t.TempDir()
+	real := filepath.Join(dir, "portcullis.prod.toml")
+	if err := os.WriteFile(real, []byte(appConfig(a)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "portcullis.toml")
+	if err := os.Symlink("portcullis.prod.toml", link); err != nil {
+		t.Fatal(err)
+	}
+	r := &rig{t: t, dir: dir, path: link}
+	r.start()
+	r.await("l", "A")
+	if err := os.WriteFile(real, []byte(appConfig(b)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r.await("l", "B")
+}
+
+// TestWatchDirSymlinkSwap: the config's directory is a symlink swapped
+// with `ln -sfn` (a release-directory deploy).
+func TestWatchDirSymlinkSwap(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	root := t.TempDir()
+	mk := func(name, backend string) {
+		d := filepath.Join(root, name)
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "portcullis.toml"), []byte(appConfig(backend)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk("v1", a)
+	cur := filepath.Join(root, "current")
+	if err := os.Symlink("v1", cur); err != nil {
+		t.Fatal(err)
+	}
+	r := &rig{t: t, dir: cur, path: filepath.Join(cur, "portcullis.toml")}
+	r.start()
+	r.await("l", "A")
+	mk("v2", b)
+	tmp := filepath.Join(root, "current.tmp")
+	if err := os.Symlink("v2", tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, cur); err != nil { // what `ln -sfn v2 current` does atomically
+		t.Fatal(err)
+	}
+	r.await("l", "B")
+}
+
+// TestWatchDirRecreated: the config directory is removed and recreated
+// (a deploy that replaces the whole directory).
+func TestWatchDirRecreated(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	root := t.TempDir()
+	dir := filepath.Join(root, "etc")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := &rig{t: t, dir: dir, path: filepath.Join(dir, "portcullis.toml")}
+	r.write(appConfig(a))
+	r.start()
+	r.await("l", "A")
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	// The directory is gone for a while (several debounce periods), as
+	// during a real redeploy; then it comes back with a new file.
+	time.Sleep(300 * time.Millisecond)
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r.write(appConfig(b))
+	r.await("l", "B")
+}
+
+// TestWatchFileSymlinkRetargeted: portcullis.toml -> /x/a.toml is
+// swapped (`ln -sfn /y/b.toml portcullis.toml`), then /y/b.toml is
+// edited in place and by a vim-style save: every change reloads.
+func TestWatchFileSymlinkRetargeted(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	x, y, dir := t.TempDir(), t.TempDir(), t.TempDir()
+	ta, tb := filepath.Join(x, "a.toml"), filepath.Join(y, "b.toml")
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(os.WriteFile(ta, []byte(appConfig(a)), 0o644))
+	must(os.WriteFile(tb, []byte(appConfig(b)), 0o644))
+	link := filepath.Join(dir, "portcullis.toml")
+	if err := os.Symlink(ta, link); err != nil {
+		t.Fatal(err)
+	}
+	r := &rig{t: t, dir: dir, path: link}
+	r.start()
+	r.await("l", "A")
+	tmp := filepath.Join(dir, ".tmp-link")
+	must(os.Symlink(tb, tmp))
+	must(os.Rename(tmp, link))
+	r.await("l", "B")
+	must(os.WriteFile(tb, []byte(appConfig(a)), 0o644))
+	r.await("l", "A")
+	// vim-style save of the new target: rename away, write anew.
+	must(os.Rename(tb, tb+"~"))
+	must(os.WriteFile(tb, []byte(appConfig(b)), 0o644))
+	must(os.Remove(tb + "~"))
+	r.await("l", "B")
+}
