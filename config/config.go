@@ -113,8 +113,9 @@ type Listener struct {
 	Listen               string   `toml:"listen" json:"listen"`
 	ProxyProtocol        bool     `toml:"proxy_protocol" json:"proxy_protocol,omitempty"`
 	ProxyProtocolTrusted []string `toml:"proxy_protocol_trusted" json:"proxy_protocol_trusted,omitempty"`
-	// ForwardedTrusted lists peers whose X-Forwarded-For is appended to
-	// on L7 routes; from anyone else it is replaced.
+	// ForwardedTrusted lists clients (the PROXY header's source when one
+	// is honoured) whose X-Forwarded-For is appended to on L7 routes; from
+	// anyone else it is replaced.
 	ForwardedTrusted []string `toml:"forwarded_trusted" json:"forwarded_trusted,omitempty"`
 	MaxConnections   int      `toml:"max_connections" json:"max_connections"`
 	HandshakeTimeout Duration `toml:"handshake_timeout" json:"handshake_timeout"`

@@ -130,7 +130,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		r.l7.ServeConn(s.drainCtx, c, raw, l7.ConnInfo{
 			Client:         client,
 			Local:          local,
-			TrustForwarded: containsAddr(lc.forwardedTrusted, peer.Addr()),
+			TrustForwarded: containsAddr(lc.forwardedTrusted, client.Addr()),
 			SNI:            sni,
 		})
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "connection",

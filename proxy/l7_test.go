@@ -171,3 +171,46 @@ func TestL7CertificateChangesOnReload(t *testing.T) {
 		t.Fatalf("after reload serving serial %s, want the second certificate's", got)
 	}
 }
+
+// An L4 load balancer in front of the listener sends PROXY headers; it
+// cannot add HTTP headers (TLS goes through it untouched), so the headers
+// come from the client the PROXY header names. The operator trusts the
+// load balancer's network for forwarding headers too. An internet client
+// behind it, not in forwarded_trusted, must still not be able to choose
+// the X-Forwarded-For the backend sees.
+func TestForwardedTrustUsesProxyHeaderClient(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "web.test")
+	web := h2cBackend(t, "WEB")
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+
+		"proxy_protocol = true\nproxy_protocol_trusted = [\"127.0.0.1/32\"]\n"+
+		"forwarded_trusted = [\"127.0.0.1/32\"]\n"+
+		webRouteTOML(web, leaf.CertFile, leaf.KeyFile))
+	addr := h.addr("l")
+	client := h2Client(ca, func() (net.Conn, error) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		src := netip.MustParseAddrPort("203.0.113.50:40000")
+		dst := netip.MustParseAddrPort("192.0.2.1:443")
+		if err := proxyproto.WriteV2(c, src, dst, ""); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	})
+	defer client.CloseIdleConnections()
+	req, _ := http.NewRequest("GET", "https://web.test/", nil)
+	req.Header.Set("X-Forwarded-For", "198.51.100.66")
+	res, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 512)
+	n, _ := res.Body.Read(b)
+	res.Body.Close()
+	if body := string(b[:n]); body != "WEB HTTP/2.0 xff=203.0.113.50 proto=https" {
+		t.Fatalf("answer %q: the untrusted client 203.0.113.50 set X-Forwarded-For", body)
+	}
+}
