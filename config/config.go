@@ -138,7 +138,8 @@ type Route struct {
 	BackendCA         string `toml:"backend_ca" json:"backend_ca,omitempty"`
 	BackendServerName string `toml:"backend_server_name" json:"backend_server_name,omitempty"`
 	// ResponseTimeout bounds the wait for a backend's response headers
-	// (504 after it); 0 means DefaultResponseTimeout.
+	// (504 after it), counted from the last time the backend took some of
+	// the request body; 0 means DefaultResponseTimeout.
 	ResponseTimeout Duration `toml:"response_timeout" json:"response_timeout,omitempty"`
 
 	// Source is where the route was written in the file

@@ -207,16 +207,24 @@ func (c *trackedConn) Close() error {
 var errResponseTimeout = errors.New("no response headers within response timeout")
 
 // roundTripWithTimeout sends req on rt and bounds the wait for response
-// headers by h.responseTimeout. The bound is a cancellation timer on the
-// request's context rather than a context deadline: a deadline would also
-// cut the response body, and a gRPC stream or a download may rightly run
-// far longer than the wait for its headers. Once headers are in, the
+// headers by h.responseTimeout. The wait starts over whenever the
+// transport takes more of the request body, so an upload that keeps
+// moving is not cut however long it takes, while a backend that neither
+// reads nor answers still gets 504. The bound is a cancellation timer on
+// the request's context rather than a context deadline: a deadline would
+// also cut the response body, and a gRPC stream or a download may rightly
+// run far longer than the wait for its headers. Once headers are in, the
 // timer is stopped and the context lives until the body is closed.
 func (h *Handler) roundTripWithTimeout(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
 	ctx, cancel := context.WithCancelCause(req.Context())
-	timer := time.AfterFunc(h.responseTimeout, func() { cancel(errResponseTimeout) })
-	res, err := rt.RoundTrip(req.WithContext(ctx))
-	if !timer.Stop() {
+	timer := &responseTimer{d: h.responseTimeout}
+	timer.t = time.AfterFunc(h.responseTimeout, func() { cancel(errResponseTimeout) })
+	out := req.WithContext(ctx)
+	if req.Body != nil && req.Body != http.NoBody {
+		out.Body = &timedBody{ReadCloser: req.Body, timer: timer}
+	}
+	res, err := rt.RoundTrip(out)
+	if !timer.stop() {
 		// The timer fired first; whatever the transport returned was
 		// cut short by it (or raced it and lost).
 		if err == nil {
@@ -238,6 +246,52 @@ func (h *Handler) roundTripWithTimeout(rt http.RoundTripper, req *http.Request) 
 		res.Body = &cb
 	}
 	return res, nil
+}
+
+// responseTimer is the response timeout of one outbound request. The
+// transport may still read the request body after the response headers
+// arrived, so a restart must not revive a timer the round trip stopped.
+type responseTimer struct {
+	d time.Duration
+	t *time.Timer
+
+	mu      sync.Mutex
+	stopped bool
+	fired   bool // a restart found it fired: it stays fired
+}
+
+// restart starts the wait over, unless the timer has fired or was stopped.
+func (t *responseTimer) restart() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.stopped && !t.fired && !t.t.Reset(t.d) {
+		// It had fired: Reset has scheduled it again, which only
+		// cancels the same context a second time.
+		t.fired = true
+	}
+}
+
+// stop stops the timer for good and reports whether it had not fired.
+func (t *responseTimer) stop() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.stopped = true
+	return t.t.Stop() && !t.fired
+}
+
+// timedBody restarts the response timer whenever the transport takes some
+// of the request body.
+type timedBody struct {
+	io.ReadCloser
+	timer *responseTimer
+}
+
+func (b *timedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		b.timer.restart()
+	}
+	return n, err
 }
 
 // cancelBody releases the outbound request's context when the response

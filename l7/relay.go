@@ -150,6 +150,7 @@ type relayStream struct {
 	start   time.Time
 	code    int // final response status; 0 until its headers arrive
 	reqDone bool
+	head    bool // a HEAD request: the relay's own answer has no body
 	resDone bool
 	timeout *time.Timer // response timeout, stopped when headers arrive
 }
@@ -249,18 +250,19 @@ func (r *relay) responseTimedOut(st *relayStream) {
 	b := r.backend
 	b.write(func() error { return b.fr.WriteRSTStream(st.id, http2.ErrCodeCancel) })
 	b.flush()
-	r.answer(st.id, http.StatusGatewayTimeout, reqDone)
+	r.answer(st.id, http.StatusGatewayTimeout, reqDone, st.head)
 	r.endIfDone()
 }
 
-// answer writes the relay's own short response on stream id, and resets
-// the stream if the client is still sending its request.
-func (r *relay) answer(id uint32, code int, reqDone bool) {
+// answer writes the relay's own short response on stream id (without
+// the body for a HEAD request), and resets the stream if the client is
+// still sending its request.
+func (r *relay) answer(id uint32, code int, reqDone, head bool) {
 	body := statusBodies[code]
 	n := int64(len(body))
 	c := r.client
 	c.write(func() error {
-		withBody := r.clientWindow.Load() >= n && r.clientStreamWindow.Load() >= n
+		withBody := !head && r.clientWindow.Load() >= n && r.clientStreamWindow.Load() >= n
 		if !withBody {
 			body = ""
 		}

@@ -98,7 +98,7 @@ func (r *relay) backendHeaders(f *headerBlock) {
 		b := r.backend
 		b.write(func() error { return b.fr.WriteRSTStream(id, http2.ErrCodeProtocol) })
 		if st.code == 0 {
-			r.answer(id, http.StatusBadGateway, st.reqDone)
+			r.answer(id, http.StatusBadGateway, st.reqDone, st.head)
 		} else {
 			c := r.client
 			c.write(func() error { return c.fr.WriteRSTStream(id, http2.ErrCodeInternal) })
@@ -199,7 +199,7 @@ func (r *relay) backendStreamError(se http2.StreamError) {
 	}
 	r.backendError(kindOther, se)
 	if st.code == 0 {
-		r.answer(se.StreamID, http.StatusBadGateway, st.reqDone)
+		r.answer(se.StreamID, http.StatusBadGateway, st.reqDone, st.head)
 	} else {
 		c := r.client
 		c.write(func() error { return c.fr.WriteRSTStream(se.StreamID, http2.ErrCodeInternal) })
@@ -274,7 +274,7 @@ func (r *relay) backendFailed(err error) {
 	}
 	c := r.client
 	for _, st := range waiting {
-		r.answer(st.id, http.StatusBadGateway, st.reqDone)
+		r.answer(st.id, http.StatusBadGateway, st.reqDone, st.head)
 	}
 	for _, st := range cut {
 		c.write(func() error { return c.fr.WriteRSTStream(st.id, http2.ErrCodeInternal) })

@@ -126,13 +126,13 @@ func (r *relay) clientHeaders(f *headerBlock) error {
 		return nil
 	case code != 0:
 		r.h.metrics.streamStarted()
-		r.answer(id, code, f.endStream)
+		r.answer(id, code, f.endStream, isHead(f))
 		r.h.metrics.streamDone()
 		r.h.metrics.requestDone(code, time.Since(now))
 		return nil
 	}
 
-	st := &relayStream{id: id, start: now, reqDone: f.endStream}
+	st := &relayStream{id: id, start: now, reqDone: f.endStream, head: isHead(f)}
 	r.mu.Lock()
 	if r.ended {
 		r.mu.Unlock()
@@ -157,6 +157,13 @@ func (r *relay) clientData(f *http2.DataFrame) error {
 	st := r.streams[id]
 	ok := st != nil && !st.reqDone
 	end := ok && f.StreamEnded()
+	if ok && st.code == 0 {
+		// The request is still moving (flow control let this DATA
+		// through, so the backend is taking it): the backend cannot be
+		// expected to answer yet, and the wait for its response starts
+		// over.
+		st.timeout.Reset(r.h.responseTimeout)
+	}
 	if end {
 		r.endLocked(st, &st.reqDone)
 	}

@@ -91,6 +91,11 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 	return out, 0, http2.ErrCodeNo
 }
 
+// isHead reports whether b is the header block of a HEAD request.
+func isHead(b *headerBlock) bool {
+	return b.pseudoValue("method") == http.MethodHead
+}
+
 // parseStatus returns a :status value as a number, or 0 if it is not
 // three digits.
 func parseStatus(s string) int {

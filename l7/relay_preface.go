@@ -115,7 +115,7 @@ read:
 				start := time.Now()
 				r.h.metrics.streamStarted()
 				r.h.metrics.backendError(kindUnreachable)
-				r.answer(last, http.StatusBadGateway, blk.endStream)
+				r.answer(last, http.StatusBadGateway, blk.endStream, isHead(blk))
 				r.h.metrics.streamDone()
 				r.h.metrics.requestDone(http.StatusBadGateway, time.Since(start))
 			}

@@ -2453,3 +2453,103 @@ func TestRelayBackendNotHTTP2(t *testing.T) {
 	}
 	testnet.WaitFor(t, "5xx counted", func() bool { return routeCounter(m, "5xx") == 4 && activeStreams(m) == 0 })
 }
+
+// An upload that keeps moving for longer than response_timeout must not be
+// cut with 504: the backend cannot answer before it has the request, and
+// it is busy reading it. The client sends a chunk every timeout/10 for
+// 1.5 timeouts; the backend reads the whole body, then answers.
+func TestSlowUploadNotTimedOut(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	const (
+		timeout = time.Second // ten chunk intervals: a slow scheduler cannot look like a stall
+		chunks  = 15
+		chunk   = 100
+	)
+	for _, tt := range []struct {
+		name    string
+		h2      bool
+		backend string // also the backend_protocol
+	}{
+		{"relay h2 client h2c backend", true, beH2C},
+		{"http1 client h2c backend", false, beH2C},
+		{"http1 client http1 backend", false, beHTTP1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			be := startBackend(t, pki, tt.backend, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				buf := make([]byte, chunk)
+				for range chunks {
+					if _, err := io.ReadFull(r.Body, buf); err != nil {
+						return
+					}
+				}
+				io.WriteString(w, "got it all")
+			}))
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: tt.backend, ResponseTimeout: timeout})
+			addr := startProxy(t, h, false).addr
+			c, _ := newClient(t, pki, addr, tt.h2, "")
+
+			pr, pw := io.Pipe()
+			defer pw.Close()
+			req := mustRequest(t, "POST", url+"/upload", pr)
+			req.ContentLength = chunks * chunk
+			done := make(chan getResult, 1)
+			go func() {
+				res, err := c.Do(req)
+				if err != nil {
+					done <- getResult{err: err}
+					return
+				}
+				b, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				done <- getResult{res.StatusCode, string(b), err}
+			}()
+			sent := make(chan int, 1) // chunks taken by the proxy when the writer stopped
+			go func() {
+				i := 0
+				defer func() { sent <- i }()
+				for ; i < chunks; i++ {
+					if i > 0 {
+						time.Sleep(timeout / 10)
+					}
+					if _, err := pw.Write(bytes.Repeat([]byte{'a'}, chunk)); err != nil {
+						return
+					}
+				}
+				pw.Close()
+			}()
+			r := recv(t, done, "the response")
+			pw.CloseWithError(errors.New("test over"))
+			n := recv(t, sent, "the writer")
+			if r.err != nil || r.code != http.StatusOK || r.body != "got it all" {
+				t.Fatalf("after %d of %d chunks (one every %v), while the body was still moving: %d %q %v; want 200 %q",
+					n, chunks, timeout/10, r.code, r.body, r.err, "got it all")
+			}
+		})
+	}
+}
+
+// A HEAD request the relay answers itself (here 504) must get the status
+// without a body: a response to HEAD carries none (RFC 9110, 9.3.2;
+// nghttp2-based clients reset a stream that gets DATA for one).
+func TestRelayHeadAnswerHasNoBody(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	release, _ := releaser(t)
+	be := startH2CBackend(t, nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	p := dialRelay(t, pki, Options{Backend: be.addr, Protocol: "h2c", ResponseTimeout: relayTestTimeout})
+	p.get(1, "/slow") // GET: the 504 has its body
+	p.must(p.writeHeaders(3, true, reqFields("HEAD", "/slow")))
+	s1, s3 := p.response(1), p.response(3)
+	if s1.status() != "504" || s1.body.String() != "gateway timeout\n" {
+		t.Fatalf("GET: %s %q, want 504 with a body", s1.status(), s1.body.String())
+	}
+	if s3.status() != "504" || s3.flow != 0 {
+		t.Fatalf("HEAD: %s with %d bytes of DATA (%q), want 504 without DATA; frames: %s", s3.status(), s3.flow, s3.body.String(), p.history())
+	}
+}
