@@ -113,6 +113,9 @@ func ctl(ctx context.Context, c *rpc.Client, p *printer, args []string) error {
 		if err != nil {
 			return err
 		}
+		if p.json {
+			return json.NewEncoder(p.w).Encode(map[string]string{"status": s.String()})
+		}
 		fmt.Fprintln(p.w, s)
 		return nil
 	case "routes":
@@ -234,6 +237,9 @@ func snapshotTo(ctx context.Context, c *rpc.Client, p *printer, path string) err
 	if err != nil {
 		os.Remove(tmp)
 		return err
+	}
+	if p.json {
+		return json.NewEncoder(p.w).Encode(map[string]any{"result": "snapshot written", "file": path, "bytes": n})
 	}
 	fmt.Fprintf(p.w, "snapshot written to %s (%d bytes); restore by starting with [state] database = %q\n", path, n, path)
 	return nil

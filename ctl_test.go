@@ -225,3 +225,27 @@ func TestCtl(t *testing.T) {
 
 	d.stop(t)
 }
+
+// TestCtlJSONEveryCommand: the README says "Add `-o json` for
+// machine-readable output". Every command's stdout must then be JSON.
+func TestCtlJSONEveryCommand(t *testing.T) {
+	app := testnet.NamedBackend(t, "app")
+	env := newEnv(t)
+	env.writeConfig(t, "5s", l4Listener(freeAddr(t), "app.test", app))
+	env.start(t)
+	admin := "unix:" + env.sock
+	for _, args := range [][]string{
+		{"status"}, {"health"}, {"routes"}, {"firewall"}, {"overrides"}, {"reload"},
+		{"firewall", "add", "198.51.100.7"},
+		{"snapshot", filepath.Join(env.dir, "backup.db")},
+	} {
+		code, out, stderr := runCmd(append([]string{"ctl", "-admin", admin, "-o", "json"}, args...)...)
+		if code != 0 {
+			t.Errorf("ctl -o json %s: exit %d, stderr %s", strings.Join(args, " "), code, stderr)
+			continue
+		}
+		if !json.Valid([]byte(out)) {
+			t.Errorf("ctl -o json %s: stdout is not JSON:\n%s", strings.Join(args, " "), out)
+		}
+	}
+}

@@ -72,9 +72,45 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	// stop sent while the daemon starts (systemd, the kubelet) would skip
 	// the drain and leave the admin socket behind. Signals that arrive
 	// during startup wait in the channel and are handled once it is done.
-	sigs := make(chan os.Signal, 2)
+	//
+	// One goroutine reads the signals for the whole life of the daemon,
+	// so none is dropped however long a reload or a startup step takes:
+	// SIGHUPs coalesce into one pending reload request, the first
+	// SIGTERM/SIGINT is kept for the main loop, and a second one exits at
+	// once, during startup as during the drain.
+	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
+	reloadReq := make(chan struct{}, 1)
+	stopReq := make(chan os.Signal, 1)
+	sigDone := make(chan struct{})
+	defer close(sigDone)
+	go func() {
+		stopping := false
+		for {
+			var sig os.Signal
+			select {
+			case sig = <-sigs:
+			case <-sigDone:
+				return
+			}
+			switch {
+			case sig == syscall.SIGHUP:
+				if !stopping { // a reload request (logrotate, say) is no reason to cut the drain
+					select {
+					case reloadReq <- struct{}{}:
+					default: // one is already pending
+					}
+				}
+			case !stopping:
+				stopping = true
+				stopReq <- sig
+			default:
+				log.Warn("second signal: exiting at once", "signal", sig.String())
+				os.Exit(1)
+			}
+		}
+	}()
 
 	cfg, err := config.Load(path)
 	if err != nil {
@@ -92,8 +128,16 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	mgr := reload.New(reload.Options{Path: path, Server: srv, Store: store, Logger: log, Registry: reg})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	// abort closes the proxy after a failed startup. Its listeners may
+	// already have accepted connections; a daemon that could not start
+	// closes them at once instead of waiting for them without limit.
+	abort := func() {
+		actx, acancel := context.WithCancel(context.Background())
+		acancel()
+		srv.Shutdown(actx)
+	}
 	if err := mgr.Start(ctx); err != nil {
-		srv.Shutdown(ctx)
+		abort()
 		return err
 	}
 
@@ -101,7 +145,7 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	if cfg.Metrics.Listen != "" {
 		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
 		if err != nil {
-			srv.Shutdown(ctx)
+			abort()
 			return fmt.Errorf("metrics.listen: %w", err)
 		}
 		mux := http.NewServeMux()
@@ -119,7 +163,10 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 
 	admin, err := startAdmin(cfg, mgr, srv, store, log, started)
 	if err != nil {
-		srv.Shutdown(ctx)
+		if metricsSrv != nil {
+			metricsSrv.Close()
+		}
+		abort()
 		return err
 	}
 
@@ -137,25 +184,23 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	for _, st := range srv.Status() {
 		log.Info("listening", "listener", st.Name, "addr", st.Address)
 	}
-	for sig := range sigs {
-		if sig == syscall.SIGHUP {
-			mgr.Reload("sighup")
-			continue
+wait:
+	for {
+		select {
+		case <-stopReq:
+			break wait
+		default:
 		}
-		break
+		select {
+		case <-reloadReq:
+			mgr.Reload("sighup")
+		case <-stopReq:
+			break wait
+		}
 	}
 
 	grace := mgr.Effective().Config.ShutdownGrace.D()
 	log.Info("shutting down: draining connections", "grace", grace)
-	go func() {
-		for sig := range sigs {
-			if sig == syscall.SIGHUP {
-				continue // a reload request (logrotate, say) is no reason to cut the drain
-			}
-			log.Warn("second signal: exiting at once", "signal", sig.String())
-			os.Exit(1)
-		}
-	}()
 	cancel()
 	<-watchDone
 	// The proxy stops accepting first; the admin API and /metrics stay

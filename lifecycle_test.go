@@ -1,0 +1,254 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/portcullis/portcullis/testpki"
+)
+
+// startNoWait runs `portcullis serve -config e.config` like e.start but
+// returns at once, without waiting for the daemon to finish starting.
+func (e *testEnv) startNoWait(t *testing.T) *daemon {
+	t.Helper()
+	n := e.starts.Add(1)
+	d := &daemon{logf: filepath.Join(e.dir, fmt.Sprintf("daemon-%d.log", n)), done: make(chan struct{})}
+	args, err := json.Marshal([]string{"serve", "-config", e.config, "-log-level", "debug"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(d.logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	d.cmd = exec.Command(os.Args[0])
+	gorace := strings.TrimSpace(os.Getenv("GORACE") + " atexit_sleep_ms=0")
+	d.cmd.Env = append(os.Environ(), envDaemon+"=1", envArgs+"="+string(args), "GORACE="+gorace)
+	d.cmd.Stdout, d.cmd.Stderr = logf, logf
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.err = d.cmd.Wait(); close(d.done) }()
+	t.Cleanup(func() {
+		select {
+		case <-d.done:
+		default:
+			d.cmd.Process.Kill()
+			<-d.done
+		}
+		if t.Failed() {
+			t.Logf("daemon %d log:\n%s", n, d.log())
+		}
+	})
+	return d
+}
+
+// waitAccepts dials addr until a connection succeeds.
+func waitAccepts(t *testing.T, d *daemon, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.Close()
+			return
+		}
+		if !d.running() {
+			t.Fatalf("daemon exited (%v) before %s accepted; log:\n%s", d.err, addr, d.log())
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never accepted", addr)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestServeStartupFailureWithLiveConnection: the proxy listeners open
+// before /metrics and the admin API. When a later startup step fails (here
+// the admin TLS certificate does not load), the daemon must exit non-zero
+// promptly, even if a client connected in the meantime — not wait without
+// limit for that connection while ignoring SIGTERM.
+//
+// The admin certificate is a FIFO so the test can hold startup at the
+// step after the proxy listener is up, deterministically.
+func TestServeStartupFailureWithLiveConnection(t *testing.T) {
+	backend, gotHello := stuckBackend(t)
+	env := newEnv(t)
+	proxyAddr, adminAddr := freeAddr(t), freeAddr(t)
+	fifo := filepath.Join(env.dir, "admin.pem")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(env.dir, "admin-key.pem"), "not a key\n")
+	writeFile(t, env.config, fmt.Sprintf(`shutdown_grace = "30s"
+
+[admin]
+unix_socket = "portcullis.sock"
+listen = %q
+tls_cert = "admin.pem"
+tls_key = "admin-key.pem"
+
+[metrics]
+listen = %q
+
+[state]
+database = "portcullis.db"
+
+`, adminAddr, env.metrics)+l4Listener(proxyAddr, "app.test", backend))
+
+	d := env.startNoWait(t)
+	waitAccepts(t, d, proxyAddr) // the daemon now waits in startAdmin, reading the FIFO
+	openProxied(t, proxyAddr, "app.test", gotHello)
+
+	// Let the certificate load fail.
+	w, err := os.OpenFile(fifo, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.WriteString("not a certificate\n")
+	w.Close()
+
+	// The startup has failed; the process must exit non-zero now, and the
+	// proxy socket must be closed. (The stuck backend holds the relay for
+	// a minute.)
+	select {
+	case <-d.done:
+	case <-time.After(20 * time.Second):
+		// Show that even SIGTERM is ignored at this point.
+		d.signal(t, syscall.SIGTERM)
+		select {
+		case <-d.done:
+			t.Fatalf("daemon hung after its startup failed until SIGTERM; log:\n%s", d.log())
+		case <-time.After(5 * time.Second):
+			t.Fatalf("daemon hung after its startup failed and ignored SIGTERM; log:\n%s", d.log())
+		}
+	}
+	if code := d.cmd.ProcessState.ExitCode(); code == 0 || countLines(d.log(), "exiting", "admin.tls_cert") != 1 {
+		t.Fatalf("exit code %d after a failed startup, want non-zero and the error logged; log:\n%s", code, d.log())
+	}
+	waitRefused(t, proxyAddr)
+	if _, err := os.Lstat(env.sock); err == nil {
+		t.Errorf("admin socket %s left behind", env.sock)
+	}
+}
+
+// TestServeSIGTERMAfterSIGHUPs: a SIGTERM that arrives while a SIGHUP
+// reload is running, after more SIGHUPs (logrotate, a config-management
+// run, `systemctl reload` twice), must still stop the daemon. Signals are
+// queued in a channel of two and read only between reloads, so the
+// third signal is dropped and the daemon keeps running.
+//
+// An L7 certificate is a FIFO so the test can hold a reload in progress.
+func TestServeSIGTERMAfterSIGHUPs(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "secure.test")
+	certPEM, err := os.ReadFile(leaf.CertFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM, err := os.ReadFile(leaf.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := newEnv(t)
+	// In a subdirectory, out of the config watcher's sight.
+	if err := os.Mkdir(filepath.Join(env.dir, "certs"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	fifo := filepath.Join(env.dir, "certs", "secure.pem")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(env.dir, "certs", "secure-key.pem"), string(keyPEM))
+
+	// The feeder answers every read of the FIFO with the certificate
+	// while feeding is on.
+	var feedMu sync.Mutex
+	var feeding atomic.Bool
+	feeding.Store(true)
+	quit := make(chan struct{})
+	feederDone := make(chan struct{})
+	defer func() { close(quit); <-feederDone }()
+	go func() {
+		defer close(feederDone)
+		for {
+			select {
+			case <-quit:
+				return
+			default:
+			}
+			feedMu.Lock()
+			if feeding.Load() {
+				if f, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+					f.Write(certPEM)
+					f.Close()
+				}
+			}
+			feedMu.Unlock()
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+
+	proxyAddr := freeAddr(t)
+	env.writeConfig(t, "5s", fmt.Sprintf(`[[listener]]
+name = "public"
+listen = %q
+
+  [[listener.route]]
+  sni = "secure.test"
+  mode = "l7"
+  tls_cert = "certs/secure.pem"
+  tls_key = "certs/secure-key.pem"
+  backend = "127.0.0.1:1"
+`, proxyAddr))
+	d := env.start(t)
+
+	feedMu.Lock()
+	feeding.Store(false)
+	feedMu.Unlock()
+
+	// A SIGHUP reload, held while it reads the certificate.
+	d.signal(t, syscall.SIGHUP)
+	var hold *os.File
+	deadline := time.Now().Add(20 * time.Second)
+	for hold == nil {
+		if f, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+			hold = f
+		} else if time.Now().After(deadline) {
+			t.Fatal("the SIGHUP reload never read the certificate")
+		} else {
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	// Meanwhile: more SIGHUPs, then SIGTERM. (The pauses only keep the
+	// runtime from merging the SIGHUPs into one delivery.)
+	for range 3 {
+		d.signal(t, syscall.SIGHUP)
+		time.Sleep(100 * time.Millisecond)
+	}
+	d.signal(t, syscall.SIGTERM)
+	time.Sleep(200 * time.Millisecond)
+	// Let the reload (and any later ones) finish.
+	hold.Write(certPEM)
+	hold.Close()
+	feeding.Store(true)
+
+	select {
+	case <-d.done:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("SIGTERM was lost: daemon still running 20s later; log:\n%s", d.log())
+	}
+	if code := d.cmd.ProcessState.ExitCode(); code != 0 || countLines(d.log(), "msg=stopped") != 1 {
+		t.Fatalf("exit code %d; want 0 after a clean stop; log:\n%s", code, d.log())
+	}
+}
