@@ -111,13 +111,18 @@ func (m *metrics) forRoute(listener, sni string) routeMetrics {
 }
 
 // forget drops the series of routes and listeners that prev had and next
-// does not, so configuration churn does not grow the exported series
-// without bound. Connections still running on a removed route keep
-// counting into series that are no longer exported.
+// (nil: none) does not, so configuration churn does not grow the
+// exported series without bound. Connections still running on a removed
+// route keep counting into series that are no longer exported. It also
+// runs for a snapshot compiled and then thrown away (prev) against the
+// one serving (next).
 func (m *metrics) forget(prev, next *Snapshot, l7m interface{ DeleteRoute(listener, route string) }) {
 	type key struct{ listener, sni string }
 	keep := map[key]bool{}
 	names := map[string]bool{}
+	if next == nil {
+		next = &Snapshot{}
+	}
 	for _, lc := range next.order {
 		names[lc.name] = true
 		for _, r := range lc.routes.all {

@@ -306,7 +306,7 @@ func (d *direction) copyChunk() (n int64, full bool, err error) {
 	chunks.Put(d.pending)
 	d.pending = nil
 	if err == nil && cw.err != nil {
-		err = os.NewSyscallError("write", cw.err)
+		err = dstError{os.NewSyscallError("write", cw.err)}
 	}
 	return n, err == nil && full, err
 }
@@ -357,17 +357,28 @@ func rawIO(trap, fd uintptr, p []byte) (int, error) {
 	return int(r), nil
 }
 
+// dstError marks an error from writing to a direction's destination, so
+// that a reset it reports is blamed on the destination's peer, not the
+// source's: a write to a socket whose peer reset it fails with
+// ECONNRESET first and EPIPE after.
+type dstError struct{ err error }
+
+func (e dstError) Error() string { return e.err.Error() }
+func (e dstError) Unwrap() error { return e.err }
+
 // endReason names what ended a relay for the access log. Resets are how
 // many clients hang up, so they get a plain name rather than an error.
 func endReason(err error, srcName string) string {
+	dstName := "client"
+	if srcName == "client" {
+		dstName = "backend"
+	}
 	switch {
+	case errors.Is(err, syscall.EPIPE),
+		errors.Is(err, syscall.ECONNRESET) && errors.As(err, new(dstError)):
+		return dstName + "_reset"
 	case errors.Is(err, syscall.ECONNRESET):
 		return srcName + "_reset"
-	case errors.Is(err, syscall.EPIPE):
-		if srcName == "client" {
-			return "backend_reset"
-		}
-		return "client_reset"
 	case errors.Is(err, net.ErrClosed):
 		return "closed" // shutdown grace expired
 	}

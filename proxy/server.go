@@ -107,8 +107,12 @@ func (s *Server) Compile(cfg *config.Config) (*Snapshot, error) {
 
 // Discard frees a compiled snapshot that will not be applied.
 func (s *Server) Discard(snap *Snapshot) {
-	if snap != nil && snap != s.current.Load() {
-		snap.release(s.current.Load())
+	if cur := s.current.Load(); snap != nil && snap != cur {
+		snap.release(cur)
+		// Compiling resolved the snapshot's series; those the serving
+		// snapshot does not share would otherwise stay exported, at
+		// zero, for listeners and routes that never served.
+		s.metrics.forget(snap, cur, s.l7metrics)
 	}
 }
 

@@ -73,6 +73,7 @@ func (s *Server) compile(cfg *config.Config, prev *Snapshot) (_ *Snapshot, err e
 	defer func() {
 		if err != nil {
 			snap.release(prev)
+			s.metrics.forget(snap, prev, s.l7metrics)
 		}
 	}()
 
@@ -153,11 +154,13 @@ func (s *Server) compileListener(cfg *config.Config, li int, key string, l *conf
 		routes:           newRouteTable(),
 		m:                s.metrics.forListener(l.Name),
 	}
+	// lc is returned with errors too, so a failed compile can forget the
+	// series resolved for it.
 	if lc.trusted, err = parsePrefixes(l.ProxyProtocolTrusted); err != nil {
-		return nil, cfg.KeyError(key+".proxy_protocol_trusted", err)
+		return lc, cfg.KeyError(key+".proxy_protocol_trusted", err)
 	}
 	if lc.forwardedTrusted, err = parsePrefixes(l.ForwardedTrusted); err != nil {
-		return nil, cfg.KeyError(key+".forwarded_trusted", err)
+		return lc, cfg.KeyError(key+".forwarded_trusted", err)
 	}
 	for j := range l.Routes {
 		rc := &l.Routes[j]
@@ -190,6 +193,7 @@ func (s *Server) compileListener(cfg *config.Config, li int, key string, l *conf
 				// The key names the field; drop the "l7: field: " prefix
 				// that would repeat it.
 				msg := strings.TrimPrefix(strings.TrimPrefix(err.Error(), "l7: "), field+": ")
+				lc.routes.add(r) // without a handler: only so its series are forgotten
 				return lc, cfg.KeyError(cfg.RouteKey(li, j)+"."+field, &relabeled{msg, err})
 			}
 			r.l7 = h

@@ -89,7 +89,7 @@ func (s *splicer) chunk() (int64, error) {
 	case s.err == errSpliceStalled:
 		err = s.err
 	case s.err != nil:
-		err = os.NewSyscallError("splice", s.err)
+		err = dstError{os.NewSyscallError("splice", s.err)}
 	}
 	return int64(s.moved), err
 }
