@@ -289,8 +289,9 @@ func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
-// canonicalAddr makes equal listen addresses equal strings, so a reload
-// that writes "[::]:443" for ":443"-style edits keeps the socket.
+// canonicalAddr makes equal listen addresses equal strings, as config
+// validation compares them, so a reload that only re-spells an address
+// (":443" as "[::]:443", "LOCALHOST" as "localhost") keeps its socket.
 func canonicalAddr(s string) (string, error) {
 	host, port, err := net.SplitHostPort(s)
 	if err != nil {
@@ -302,6 +303,12 @@ func canonicalAddr(s string) (string, error) {
 	}
 	if a, err := netip.ParseAddr(host); err == nil {
 		host = a.Unmap().String()
+		if a.IsUnspecified() {
+			// ":443", "0.0.0.0:443" and "[::]:443" are one dual-stack
+			// wildcard socket (config validation calls them duplicates);
+			// re-spelling one as another must keep it, not bind beside it.
+			host = ""
+		}
 	}
-	return net.JoinHostPort(host, strconv.FormatUint(n, 10)), nil
+	return net.JoinHostPort(strings.ToLower(host), strconv.FormatUint(n, 10)), nil
 }
