@@ -334,16 +334,20 @@ func runIdle(ctx context.Context, p *pki, b *backend, addr string, pid, n int, b
 		res.Capped = fmt.Sprintf("the benchmark's RLIMIT_NOFILE %d (2 fds per connection)", benchNofile)
 	}
 
+	// Scrape first: the first /metrics request grows portcullis's heap
+	// and RSS by about 1 MiB of its own, which must not land between the
+	// two RSS readings and be charged to the idle connections. The
+	// scrape's keep-alive connection is then in the fd baseline too.
+	if metricsURL != "" {
+		if res.GoBefore, err = scrapeGoStats(metricsURL); err != nil {
+			return res, err
+		}
+	}
 	if res.RSSBeforeKiB, err = treeRSSKiB(pid); err != nil {
 		return res, err
 	}
 	if res.FDsBefore, res.PipesBefore, err = treeFDCount(pid); err != nil {
 		return res, err
-	}
-	if metricsURL != "" {
-		if res.GoBefore, err = scrapeGoStats(metricsURL); err != nil {
-			return res, err
-		}
 	}
 
 	var conns []*tls.Conn

@@ -324,6 +324,10 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 	}
 
 	round := o.duration / time.Duration(o.rounds)
+	// CPU per GiB pools both bulk phases; a target that failed a round
+	// of either has a different mix of 1-stream and N-stream bytes than
+	// direct (or none of one), so, like its throughput, it gets none.
+	bulkCPU, bulkFailed := phaseCPU{}, map[*target]bool{}
 	for _, streams := range []int{1, o.streams} {
 		if !o.phases["bulk"] {
 			break
@@ -346,13 +350,14 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 				*total = &bulkResult{Streams: streams}
 			}
 			(*total).add(r)
-			t.res.addBulkCPU(pcpu, lcpu, r.AllByte)
+			bulkCPU.add(t, pcpu, lcpu, r.AllByte)
 			return nil
 		})
 		if err != nil {
 			return rep, err
 		}
 		for t := range failed { // a partial total is not comparable
+			bulkFailed[t] = true
 			if streams == 1 {
 				t.res.Bulk1 = nil
 			} else {
@@ -363,6 +368,12 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 			if r := t.res.bulk(streams); r != nil {
 				fmt.Fprintf(os.Stderr, "  %-10s %8.1f MiB/s\n", t.name, r.MiBps)
 			}
+		}
+	}
+
+	for t, c := range bulkCPU {
+		if !bulkFailed[t] {
+			t.res.addBulkCPU(c.proxy, c.load, c.units)
 		}
 	}
 
@@ -386,6 +397,7 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 // target, in alternating rounds, and adds the results to each target.
 func runRatePhase(ctx context.Context, o options, p *pki, targets []*target, round time.Duration) error {
 	fmt.Fprintf(os.Stderr, "\n[connection rate] %d workers, %d rounds of %v per target\n", o.workers, o.rounds, round)
+	rateCPU := phaseCPU{}
 	failed, err := interleave(ctx, targets, o.rounds, func(t *target) error {
 		var r rateResult
 		pcpu, lcpu, err := measureCPU(t, func() (err error) {
@@ -399,7 +411,7 @@ func runRatePhase(ctx context.Context, o options, p *pki, targets []*target, rou
 			t.res.Rate = &rateResult{Workers: o.workers}
 		}
 		t.res.Rate.add(r)
-		t.res.addRateCPU(pcpu, lcpu, r.Conns)
+		rateCPU.add(t, pcpu, lcpu, r.Conns)
 		return nil
 	})
 	if err != nil {
@@ -407,6 +419,11 @@ func runRatePhase(ctx context.Context, o options, p *pki, targets []*target, rou
 	}
 	for t := range failed {
 		t.res.Rate = nil
+	}
+	for t, c := range rateCPU {
+		if !failed[t] { // like the rate, a partial total is dropped
+			t.res.addRateCPU(c.proxy, c.load, c.units)
+		}
 	}
 	for _, t := range targets {
 		if r := t.res.Rate; r != nil {
@@ -453,6 +470,28 @@ func interleave(ctx context.Context, targets []*target, rounds int, measure func
 		}
 	}
 	return failed, nil
+}
+
+// phaseCPU holds the CPU seconds (proxy, load generator) and units of
+// work (bytes, connections) of each target's rounds until it is known
+// which targets completed every round.
+type phaseCPU map[*target]*struct {
+	proxy, load float64
+	units       int64
+}
+
+func (m phaseCPU) add(t *target, proxy, load float64, units int64) {
+	c := m[t]
+	if c == nil {
+		c = &struct {
+			proxy, load float64
+			units       int64
+		}{}
+		m[t] = c
+	}
+	c.proxy += proxy
+	c.load += load
+	c.units += units
 }
 
 func alive(t *target) error {

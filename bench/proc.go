@@ -36,7 +36,7 @@ func startChild(name, logPath string, argv ...string) (*child, error) {
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: pdeathsig(name)}
 	if err := cmd.Start(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
@@ -48,6 +48,18 @@ func startChild(name, logPath string, argv ...string) (*child, error) {
 		close(c.done)
 	}()
 	return c, nil
+}
+
+// pdeathsig is the signal a child gets should the benchmark die without
+// running its cleanup. SIGKILL takes a single-process proxy down; it
+// would take nginx's master down alone and leave its workers, which are
+// not our children and get no parent-death signal from nginx, serving on
+// the port. SIGTERM makes the master stop its workers, then exit.
+func pdeathsig(name string) syscall.Signal {
+	if name == "nginx" {
+		return syscall.SIGTERM
+	}
+	return syscall.SIGKILL
 }
 
 func (c *child) pid() int { return c.cmd.Process.Pid }
