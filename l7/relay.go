@@ -135,10 +135,17 @@ type relay struct {
 	earlyResets  int    // see maxEarlyResets
 	maxStreams   uint32 // SETTINGS_MAX_CONCURRENT_STREAMS as told to the client
 	ended        bool
-	windowCond   sync.Cond   // signalled when clientWindow grows or the relay ends
-	idle         *time.Timer // ends the connection after idleTimeout without streams
-	callbacks    sync.WaitGroup
-	endOnce      sync.Once
+	windowCond   sync.Cond // signalled when clientWindow grows or the relay ends
+	// idle ends the connection after idleTimeout without streams
+	// (counted from idleSince); while streams are open it ticks every
+	// quarter idleTimeout and ends a connection on which no frame moved
+	// either way for a whole idleTimeout (see idleExpired).
+	idle       *time.Timer
+	idleSince  time.Time
+	lastFrames uint64 // frames read, both sides, at the last tick
+	quietTicks int
+	callbacks  sync.WaitGroup
+	endOnce    sync.Once
 	// draining is set by end: fromClient then only reads and drops what
 	// the client still sends, until it closes or lingerTimeout passes.
 	draining atomic.Bool
@@ -182,8 +189,15 @@ func (h *Handler) serveRelay(ctx context.Context, tc net.Conn, ci ConnInfo) erro
 		h.log.Debug("relay: backend not reached", "err", err)
 		return errNotRelayed
 	}
+	// A backend that stops reading must not pin the relay either.
+	bc = newStallConn(bc, h.idleTimeout)
 	defer bc.Close()
 	defer tc.Close()
+	if ci.Cut != nil {
+		// The caller cuts by closing tc's socket, which the relay only
+		// notices when it reads it: not while it is blocked writing.
+		defer context.AfterFunc(ci.Cut, func() { bc.Close() })()
+	}
 
 	r := &relay{
 		h:       h,
@@ -212,6 +226,7 @@ func (h *Handler) serveRelay(ctx context.Context, tc net.Conn, ci ConnInfo) erro
 		return nil
 	}
 
+	r.idleSince = time.Now()
 	r.idle = time.AfterFunc(h.idleTimeout, r.idleExpired)
 	stop := context.AfterFunc(ctx, r.drain)
 
@@ -303,6 +318,7 @@ func (r *relay) removeLocked(st *relayStream, code int) {
 		r.h.metrics.requestDone(code, time.Since(st.start))
 	}
 	if len(r.streams) == 0 && !r.ended {
+		r.idleSince = time.Now()
 		r.idle.Reset(r.h.idleTimeout)
 	}
 }
@@ -351,18 +367,78 @@ func (r *relay) drain() {
 	r.goAway()
 }
 
-// idleExpired closes a connection that had no stream for idleTimeout.
+// idleExpired closes a connection that had no stream for idleTimeout,
+// and one whose open streams are stalled: no frame read from either side
+// for idleTimeout (a client that stopped reading and granting window, a
+// backend that went silent after its headers), as idle_timeout closes a
+// silent L4 relay. Streams still waiting for their response headers are
+// the response timeout's to judge, not this.
 func (r *relay) idleExpired() {
 	if !r.enterCallback() {
 		return
 	}
 	defer r.callbacks.Done()
 	r.mu.Lock()
-	busy := len(r.streams) > 0
-	r.mu.Unlock()
-	if !busy {
+	if len(r.streams) == 0 {
+		rest := r.h.idleTimeout - time.Since(r.idleSince)
+		if rest > 0 {
+			// The last stream ended just as a tick fired.
+			r.idle.Reset(rest)
+			r.mu.Unlock()
+			return
+		}
+		r.mu.Unlock()
 		r.goAway()
+		return
 	}
+	frames := r.client.frames.Load() + r.backend.frames.Load()
+	r.quietTicks++
+	if frames != r.lastFrames {
+		r.lastFrames, r.quietTicks = frames, 0
+	}
+	for _, st := range r.streams {
+		if st.code == 0 {
+			r.quietTicks = 0
+			break
+		}
+	}
+	stalled := r.quietTicks >= 4
+	if !stalled {
+		r.idle.Reset(r.h.idleTimeout / 4)
+	}
+	r.mu.Unlock()
+	if stalled {
+		r.stalled()
+	}
+}
+
+// stalled ends a connection whose streams made no progress for
+// idleTimeout: each is reset on both sides and the client gets a GOAWAY.
+func (r *relay) stalled() {
+	r.mu.Lock()
+	if r.ended {
+		r.mu.Unlock()
+		return
+	}
+	ids := make([]uint32, 0, len(r.streams))
+	for _, st := range r.streams {
+		ids = append(ids, st.id)
+		r.removeLocked(st, st.code)
+	}
+	r.goingAway = true
+	r.refuseAbove = min(r.refuseAbove, r.lastStream)
+	last := r.refuseAbove
+	r.mu.Unlock()
+	r.h.log.Debug("relay: streams stalled for the idle timeout, closing", "client", r.ci.Client, "streams", len(ids))
+	c, b := r.client, r.backend
+	for _, id := range ids {
+		b.write(func() error { return b.fr.WriteRSTStream(id, http2.ErrCodeCancel) })
+		c.write(func() error { return c.fr.WriteRSTStream(id, http2.ErrCodeCancel) })
+	}
+	b.flush()
+	c.write(func() error { return c.fr.WriteGoAway(last, http2.ErrCodeNo, nil) })
+	c.flush()
+	r.end()
 }
 
 func (r *relay) goAway() {

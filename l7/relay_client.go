@@ -15,6 +15,7 @@ func (r *relay) fromClient() {
 	c, b := r.client, r.backend
 	for {
 		f, err := c.fr.ReadFrame()
+		c.frames.Add(1)
 		if r.draining.Load() {
 			if err != nil && !errors.As(err, new(http2.StreamError)) {
 				return
@@ -140,7 +141,9 @@ func (r *relay) clientHeaders(f *headerBlock) error {
 	}
 	r.streams[id] = st
 	if len(r.streams) == 1 {
-		r.idle.Stop()
+		// From idle to watching for stalled streams.
+		r.quietTicks = 0
+		r.idle.Reset(r.h.idleTimeout / 4)
 	}
 	st.timeout = time.AfterFunc(r.h.responseTimeout, func() { r.responseTimedOut(st) })
 	r.mu.Unlock()

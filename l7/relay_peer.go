@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -17,6 +18,9 @@ type relayPeer struct {
 	br   *bufio.Reader
 	fr   *http2.Framer
 	hdec *headerDecoder
+	// frames counts the frames read, for the relay's stall check; only
+	// the reading goroutine adds to it.
+	frames atomic.Uint64
 
 	mu       sync.Mutex
 	bw       pooledWriter

@@ -24,6 +24,11 @@ type ConnInfo struct {
 	Local          netip.AddrPort // local address of the accepted socket
 	TrustForwarded bool           // append to the client's X-Forwarded-For instead of replacing it
 	SNI            string
+	// Cut, when done, closes the connection's backend connection too,
+	// so that a caller closing conn at the end of its shutdown grace
+	// ends ServeConn at once even if the relay is blocked writing to a
+	// backend that stopped reading. Nil: never.
+	Cut context.Context
 }
 
 // ServeConn terminates TLS on conn, replaying hello (the ClientHello bytes
@@ -53,6 +58,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 	ci.Local = netip.AddrPortFrom(ci.Local.Addr().Unmap(), ci.Local.Port())
 
 	pc := &prefixConn{Conn: conn, prefix: hello}
+	pc.stall.timeout = h.idleTimeout
 	if ci.Client.IsValid() {
 		// net/http reports this as Request.RemoteAddr, so the real
 		// client shows up in its logs rather than a PROXY sender.
@@ -98,7 +104,13 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 	}
 	h2srv := &http2.Server{
 		MaxConcurrentStreams: maxConcurrentStreams,
-		IdleTimeout:          h.idleTimeout,
+		IdleTimeout:          h.idleTimeout, // only counts without streams
+		// A client not heard from for half the idle timeout is
+		// pinged and must answer within the other half: one that stopped
+		// reading altogether would otherwise hold a stream stalled on
+		// flow control (and its backend request) for ever.
+		ReadIdleTimeout: h.idleTimeout / 2,
+		PingTimeout:     h.idleTimeout / 2,
 	}
 	if err := http2.ConfigureServer(srv, h2srv); err != nil {
 		// Only possible with a CipherSuites list lacking what HTTP/2
@@ -414,11 +426,28 @@ func (w *statusRecorder) status() int {
 }
 
 // prefixConn replays the ClientHello the accept loop consumed before
-// reading the connection itself.
+// reading the connection itself. Its writes are bounded by stall (see
+// stallGuard): both paths write to the client through it, under TLS.
 type prefixConn struct {
 	net.Conn
 	prefix []byte
 	remote net.Addr // reported by RemoteAddr when set
+	stall  stallGuard
+}
+
+func (c *prefixConn) Write(p []byte) (int, error) {
+	c.stall.arm(c.Conn)
+	return c.Conn.Write(p)
+}
+
+func (c *prefixConn) SetDeadline(t time.Time) error {
+	c.stall.set(t)
+	return c.Conn.SetDeadline(t)
+}
+
+func (c *prefixConn) SetWriteDeadline(t time.Time) error {
+	c.stall.set(t)
+	return c.Conn.SetWriteDeadline(t)
 }
 
 func (c *prefixConn) Read(p []byte) (int, error) {

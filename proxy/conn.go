@@ -132,6 +132,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 			Local:          local,
 			TrustForwarded: containsAddr(lc.forwardedTrusted, client.Addr()),
 			SNI:            sni,
+			Cut:            s.hardCtx,
 		})
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "connection",
 			slog.String("listener", lc.name), slog.Any("client", client), slog.String("sni", sni),
