@@ -250,6 +250,37 @@ func (c *clientConn) rewrite(pr *httputil.ProxyRequest) {
 	if pr.In.Host != "" {
 		hdr.Set("X-Forwarded-Host", pr.In.Host)
 	}
+
+	// Request trailers: Out's trailer map is a copy of In's taken before
+	// the body was read, holding the declared names only; the server
+	// fills in In's values when the body ends. Copy them over then, in
+	// the goroutine that reads the body, which is the one the transport
+	// sends the trailers from once it sees the end.
+	if len(pr.Out.Trailer) > 0 && pr.Out.Body != nil && pr.Out.Body != http.NoBody {
+		pr.Out.Body = &trailerBody{ReadCloser: pr.Out.Body, in: pr.In, out: pr.Out.Trailer}
+	}
+}
+
+// trailerBody copies a request's trailers, which arrive with the end of
+// its body, to the outbound request's trailer map.
+type trailerBody struct {
+	io.ReadCloser
+	in   *http.Request
+	out  http.Header
+	done bool
+}
+
+func (b *trailerBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF && !b.done {
+		b.done = true
+		for k, v := range b.in.Trailer {
+			if _, declared := b.out[k]; declared {
+				b.out[k] = v
+			}
+		}
+	}
+	return n, err
 }
 
 var (
@@ -280,6 +311,15 @@ func (c *clientConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case h.h2Backend && httpguts.HeaderValuesContainsToken(r.Header["Connection"], "Upgrade"):
 		h.handleError(rec, r, errUpgradeOverH2)
 	default:
+		if r.ProtoMajor == 1 {
+			// The request body may still be arriving when the backend's
+			// response starts (a streaming backend, one that answers
+			// first and reads after); the proxy goes on relaying it.
+			// Without this, net/http's HTTP/1.1 server would read and
+			// throw away up to 256 KiB of it the moment the response
+			// headers go out, from under the transport forwarding it.
+			http.NewResponseController(w).EnableFullDuplex()
+		}
 		c.proxy.ServeHTTP(rec, r)
 	}
 }
