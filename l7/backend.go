@@ -206,6 +206,11 @@ func (c *trackedConn) Close() error {
 // the backend sent no response headers within ResponseTimeout.
 var errResponseTimeout = errors.New("no response headers within response timeout")
 
+// errBackendIdle is the cause of an outbound request cancelled because,
+// after its response headers, nothing moved for IdleTimeout while the
+// proxy waited on the backend.
+var errBackendIdle = errors.New("backend silent for the idle timeout")
+
 // roundTripWithTimeout sends req on rt and bounds the wait for response
 // headers by h.responseTimeout. The wait starts over whenever the
 // transport takes more of the request body, so an upload that keeps
@@ -213,12 +218,20 @@ var errResponseTimeout = errors.New("no response headers within response timeout
 // reads nor answers still gets 504. The bound is a cancellation timer on
 // the request's context rather than a context deadline: a deadline would
 // also cut the response body, and a gRPC stream or a download may rightly
-// run far longer than the wait for its headers. Once headers are in, the
-// timer is stopped and the context lives until the body is closed.
+// run far longer than the wait for its headers.
+//
+// Once headers are in, the same timer bounds the backend's silence
+// instead, by h.idleTimeout, as idle_timeout bounds an L4 relay: a
+// response body (or an upgraded connection, in both directions) on which
+// nothing moved for that long while the proxy was waiting for the backend
+// is cut. A body that keeps moving, however slowly, runs on; so does one
+// the proxy is not reading because the client is slow to take it (the
+// client's writes are bounded by stallGuard). The context lives until the
+// body is closed.
 func (h *Handler) roundTripWithTimeout(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
 	ctx, cancel := context.WithCancelCause(req.Context())
-	timer := &responseTimer{d: h.responseTimeout}
-	timer.t = time.AfterFunc(h.responseTimeout, func() { cancel(errResponseTimeout) })
+	timer := &responseTimer{d: h.responseTimeout, idle: h.idleTimeout, ctx: ctx, cancel: cancel}
+	timer.t = time.AfterFunc(h.responseTimeout, timer.fire)
 	out := req.WithContext(ctx)
 	if req.Body != nil && req.Body != http.NoBody {
 		out.Body = &timedBody{ReadCloser: req.Body, timer: timer}
@@ -237,46 +250,141 @@ func (h *Handler) roundTripWithTimeout(rt http.RoundTripper, req *http.Request) 
 		cancel(nil)
 		return nil, err
 	}
-	cb := cancelBody{ReadCloser: res.Body, cancel: cancel}
+	cb := cancelBody{ReadCloser: res.Body, timer: timer}
 	if rw, ok := res.Body.(io.ReadWriteCloser); ok {
 		// A 101 Switching Protocols body is the raw connection, and
 		// ReverseProxy needs it writable to relay the upgraded stream.
+		// Cancelling the context does not close it; the timer must.
 		res.Body = &cancelRWBody{cancelBody: cb, w: rw}
+		timer.watch(func() { rw.Close() })
 	} else {
 		res.Body = &cb
+		timer.watch(nil)
 	}
 	return res, nil
 }
 
-// responseTimer is the response timeout of one outbound request. The
+// responseTimer is the timer of one outbound request: first its response
+// timeout, then, once the response headers are in, its idle timeout. The
 // transport may still read the request body after the response headers
-// arrived, so a restart must not revive a timer the round trip stopped.
+// arrived, so a restart must not revive a response timeout the round
+// trip stopped; it counts as the request moving instead.
 type responseTimer struct {
-	d time.Duration
-	t *time.Timer
+	d, idle time.Duration
+	t       *time.Timer
+	ctx     context.Context
+	cancel  context.CancelCauseFunc
 
-	mu      sync.Mutex
-	stopped bool
-	fired   bool // a restart found it fired: it stays fired
+	mu       sync.Mutex
+	stopped  bool // the response timeout is over: headers are in, or the round trip failed
+	fired    bool // a restart found it fired: it stays fired
+	watching bool // the idle timeout runs (set by watch)
+	done     bool // the body is closed, or was cut
+	onIdle   func()
+
+	// The idle state, updated without the lock: last is when something
+	// last moved (as time since monoBase); waiting is set while a read
+	// of the response body, i.e. a wait for the backend, is in progress.
+	last    atomic.Int64
+	waiting atomic.Bool
 }
 
 // restart starts the wait over, unless the timer has fired or was stopped.
 func (t *responseTimer) restart() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if !t.stopped && !t.fired && !t.t.Reset(t.d) {
+	if t.stopped {
+		t.moved()
+		return
+	}
+	if !t.fired && !t.t.Reset(t.d) {
 		// It had fired: Reset has scheduled it again, which only
 		// cancels the same context a second time.
 		t.fired = true
 	}
 }
 
-// stop stops the timer for good and reports whether it had not fired.
+// stop stops the response timeout for good and reports whether it had
+// not fired.
 func (t *responseTimer) stop() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.stopped = true
 	return t.t.Stop() && !t.fired
+}
+
+// watch starts the idle timeout, once stop has reported the response
+// timeout stopped; onIdle, if not nil, is called besides cancelling the
+// context when it expires.
+func (t *responseTimer) watch(onIdle func()) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.watching = true
+	t.onIdle = onIdle
+	t.moved()
+	t.t.Reset(t.idle)
+}
+
+// moved records that something moved: a request body read, a write to
+// an upgraded connection.
+func (t *responseTimer) moved() {
+	t.last.Store(int64(time.Since(monoBase)))
+}
+
+// reading brackets a read of the response body: a clock read and two
+// stores, no system call.
+func (t *responseTimer) reading(on bool) {
+	if on {
+		t.moved()
+	}
+	t.waiting.Store(on)
+}
+
+// close ends the idle timeout with the body.
+func (t *responseTimer) close() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.done = true
+	t.t.Stop()
+}
+
+// fire is the timer's function: in the response timeout it cancels the
+// request; in the idle timeout it cuts a response whose read has waited
+// on a backend with nothing moving for a whole timeout, and otherwise
+// sets itself for when that could next be true.
+func (t *responseTimer) fire() {
+	t.mu.Lock()
+	if !t.watching {
+		t.mu.Unlock()
+		t.cancel(errResponseTimeout)
+		return
+	}
+	if t.done || t.ctx.Err() != nil {
+		// A body nobody closes (ReverseProxy drops a 101 it refuses)
+		// stops here once the request ends.
+		t.mu.Unlock()
+		return
+	}
+	// Load waiting before last: a read sets last before waiting.
+	if !t.waiting.Load() {
+		// Not waiting for the backend: the response is being written
+		// to the client, or has not been read yet.
+		t.t.Reset(t.idle)
+		t.mu.Unlock()
+		return
+	}
+	if quiet := time.Since(monoBase) - time.Duration(t.last.Load()); quiet < t.idle {
+		t.t.Reset(t.idle - quiet)
+		t.mu.Unlock()
+		return
+	}
+	t.done = true
+	onIdle := t.onIdle
+	t.mu.Unlock()
+	t.cancel(errBackendIdle)
+	if onIdle != nil {
+		onIdle()
+	}
 }
 
 // timedBody restarts the response timer whenever the transport takes some
@@ -294,16 +402,25 @@ func (b *timedBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// cancelBody releases the outbound request's context when the response
-// body is closed (ReverseProxy always closes it).
+// cancelBody is the response body: its reads are watched by the idle
+// timeout, and closing it (ReverseProxy always does) releases the
+// outbound request's context and timer.
 type cancelBody struct {
 	io.ReadCloser
-	cancel context.CancelCauseFunc
+	timer *responseTimer
+}
+
+func (b *cancelBody) Read(p []byte) (int, error) {
+	b.timer.reading(true)
+	n, err := b.ReadCloser.Read(p)
+	b.timer.reading(false)
+	return n, err
 }
 
 func (b *cancelBody) Close() error {
 	err := b.ReadCloser.Close()
-	b.cancel(nil)
+	b.timer.close()
+	b.timer.cancel(nil)
 	return err
 }
 
@@ -312,7 +429,13 @@ type cancelRWBody struct {
 	w io.Writer
 }
 
-func (b *cancelRWBody) Write(p []byte) (int, error) { return b.w.Write(p) }
+func (b *cancelRWBody) Write(p []byte) (int, error) {
+	n, err := b.w.Write(p)
+	if n > 0 {
+		b.timer.moved()
+	}
+	return n, err
+}
 
 // logLimiter lets one backend error log line through per interval and
 // counts the rest, so a dead backend under load costs one line a second,

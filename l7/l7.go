@@ -57,10 +57,12 @@
 // A backend that cannot be reached (dial or TLS failure) gets 502 Bad
 // Gateway; one that sends no response headers within ResponseTimeout gets
 // 504 Gateway Timeout. Once headers have arrived the response streams for
-// as long as it needs. HTTP/1.1 Upgrade requests (WebSocket) pass through
-// to http1 and https1 backends; HTTP/2 cannot carry them, so for h2c and h2
-// backends they get 502 without the backend being asked. CONNECT is not
-// proxied (405).
+// as long as it needs, provided it keeps moving: one on which nothing
+// moved for IdleTimeout while the proxy waited on the backend is cut, and
+// so is an upgraded connection silent both ways that long. HTTP/1.1
+// Upgrade requests (WebSocket) pass through to http1 and https1 backends;
+// HTTP/2 cannot carry them, so for h2c and h2 backends they get 502
+// without the backend being asked. CONNECT is not proxied (405).
 package l7
 
 import (
