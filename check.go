@@ -9,11 +9,13 @@ import (
 
 	"github.com/portcullis/portcullis/config"
 	"github.com/portcullis/portcullis/proxy"
+	"github.com/portcullis/portcullis/rpc"
 )
 
 // checkCmd validates a config file the way a reload would — decoding,
-// validation and compilation (certificates, GeoIP database) — and prints
-// the routing table. It binds no sockets and reads no overrides.
+// validation and compilation (certificates, GeoIP database) — plus the
+// admin API's TLS material, which serve loads at start, and prints the
+// routing table. It binds no sockets and reads no overrides.
 func checkCmd(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("check", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -43,6 +45,9 @@ func checkConfig(path string) (*config.Config, error) {
 		return nil, err
 	}
 	srv.Discard(snap)
+	if err := rpc.CheckTLS(cfg); err != nil {
+		return nil, err
+	}
 	return cfg, nil
 }
 

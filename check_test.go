@@ -114,6 +114,37 @@ listen = "127.0.0.1:8443"
 			code: 1,
 			errs: []string{"8: listener[0].route[0].tls_cert"},
 		},
+		{
+			// serve loads these at start and refuses to run without
+			// them; check must not pass them.
+			name: "admin certificate missing",
+			content: `[admin]
+listen = "127.0.0.1:9443"
+tls_cert = "missing.pem"
+tls_key = "missing-key.pem"
+
+[[listener]]
+name = "public"
+listen = "127.0.0.1:8443"
+`,
+			code: 1,
+			errs: []string{"3: admin.tls_cert"},
+		},
+		{
+			name: "admin client CA without certificates",
+			content: `[admin]
+listen = "127.0.0.1:9443"
+tls_cert = "` + leaf.CertFile + `"
+tls_key = "` + leaf.KeyFile + `"
+client_ca = "` + leaf.KeyFile + `"
+
+[[listener]]
+name = "public"
+listen = "127.0.0.1:8443"
+`,
+			code: 1,
+			errs: []string{"5: admin.client_ca"},
+		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".toml")

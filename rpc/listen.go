@@ -164,6 +164,18 @@ func listenUnix(path string) (net.Listener, error) {
 	return ln, nil
 }
 
+// CheckTLS loads the admin API's TLS material (certificate, key, client
+// CA) as Listen would, without opening any socket, so `check` catches
+// what would stop the daemon from starting. Without [admin] listen there
+// is nothing to load.
+func CheckTLS(cfg *config.Config) error {
+	if cfg.Admin.Listen == "" {
+		return nil
+	}
+	_, err := serverTLS(cfg)
+	return err
+}
+
 func serverTLS(cfg *config.Config) (*tls.Config, error) {
 	a := cfg.Admin
 	cert, err := tls.LoadX509KeyPair(cfg.Resolve(a.TLSCert), cfg.Resolve(a.TLSKey))
