@@ -48,6 +48,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		stop()
 		rl.active.Add(-1)
 		lc.m.active.Dec()
+		s.live.Add(-1)
 		s.conns.Done()
 	}
 	handedOff := false

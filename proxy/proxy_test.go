@@ -684,6 +684,19 @@ func TestShutdownGraceExpires(t *testing.T) {
 	}
 }
 
+// TestShutdownWithoutConnections: a grace period that is already over
+// (shutdown_grace = "0s") with no connection live cuts nothing, and
+// Shutdown must not report that it did (serve would log "grace period
+// over: closed remaining connections").
+func TestShutdownWithoutConnections(t *testing.T) {
+	for i := range 20 {
+		h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("idle.test", "127.0.0.1:1"))
+		if err := h.srv.Shutdown(canceledCtx()); err != nil {
+			t.Fatalf("shutdown %d: Shutdown = %v with no connection to cut, want nil", i, err)
+		}
+	}
+}
+
 // TestShutdownGraceClosesBlockedRelay: a relay stuck writing to a
 // backend that stopped reading is not woken by the client's socket
 // closing; the end of the grace period must close the backend socket

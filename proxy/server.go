@@ -56,6 +56,7 @@ type Server struct {
 	drainCtx, hardCtx       context.Context
 	cancelDrain, cancelHard context.CancelFunc
 	conns                   sync.WaitGroup
+	live                    atomic.Int64 // connections conns is waiting for, so Shutdown knows whether it cut any
 }
 
 // NewServer returns a Server with no listeners.
@@ -271,6 +272,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	select {
 	case <-done:
 	case <-ctx.Done():
+		if s.live.Load() == 0 {
+			// Nothing to cut (an expired context, a grace of 0s):
+			// done is about to close.
+			<-done
+			break
+		}
 		err = ctx.Err()
 		s.cancelHard()
 		<-done
@@ -317,6 +324,7 @@ func (s *Server) serveListener(rl *runningListener) {
 		rl.active.Add(1)
 		lc.m.active.Inc()
 		s.conns.Add(1)
+		s.live.Add(1)
 		go s.serveConn(snap, lc, rl, c)
 	}
 }
