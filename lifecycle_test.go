@@ -1,13 +1,10 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -16,43 +13,6 @@ import (
 
 	"github.com/portcullis/portcullis/testpki"
 )
-
-// startNoWait runs `portcullis serve -config e.config` like e.start but
-// returns at once, without waiting for the daemon to finish starting.
-func (e *testEnv) startNoWait(t *testing.T) *daemon {
-	t.Helper()
-	n := e.starts.Add(1)
-	d := &daemon{logf: filepath.Join(e.dir, fmt.Sprintf("daemon-%d.log", n)), done: make(chan struct{})}
-	args, err := json.Marshal([]string{"serve", "-config", e.config, "-log-level", "debug"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(d.logf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	d.cmd = exec.Command(os.Args[0])
-	gorace := strings.TrimSpace(os.Getenv("GORACE") + " atexit_sleep_ms=0")
-	d.cmd.Env = append(os.Environ(), envDaemon+"=1", envArgs+"="+string(args), "GORACE="+gorace)
-	d.cmd.Stdout, d.cmd.Stderr = logf, logf
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.err = d.cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() {
-		select {
-		case <-d.done:
-		default:
-			d.cmd.Process.Kill()
-			<-d.done
-		}
-		if t.Failed() {
-			t.Logf("daemon %d log:\n%s", n, d.log())
-		}
-	})
-	return d
-}
 
 // waitAccepts dials addr until a connection succeeds.
 func waitAccepts(t *testing.T, d *daemon, addr string) {

@@ -222,13 +222,9 @@ type daemon struct {
 	err  error         // cmd.Wait's result, once done is closed
 }
 
-// start runs `portcullis serve -config e.config` and returns once the
-// daemon has logged its listeners (the last step of its startup) and
-// the admin socket accepts connections; the proxy and metrics listeners
-// are open before either. Its log (debug level) goes to a file in the
-// env's directory and is printed if the test fails. The process is
-// killed at the end of the test if it is still running.
-func (e *testEnv) start(t testing.TB) *daemon {
+// startNoWait runs `portcullis serve -config e.config` like start but
+// returns at once, without waiting for the daemon to finish starting.
+func (e *testEnv) startNoWait(t testing.TB) *daemon {
 	t.Helper()
 	n := e.starts.Add(1)
 	d := &daemon{logf: filepath.Join(e.dir, fmt.Sprintf("daemon-%d.log", n)), done: make(chan struct{})}
@@ -262,7 +258,18 @@ func (e *testEnv) start(t testing.TB) *daemon {
 			t.Logf("daemon %d log:\n%s", n, d.log())
 		}
 	})
+	return d
+}
 
+// start runs `portcullis serve -config e.config` and returns once the
+// daemon has logged its listeners (the last step of its startup) and
+// the admin socket accepts connections; the proxy and metrics listeners
+// are open before either. Its log (debug level) goes to a file in the
+// env's directory and is printed if the test fails. The process is
+// killed at the end of the test if it is still running.
+func (e *testEnv) start(t testing.TB) *daemon {
+	t.Helper()
+	d := e.startNoWait(t)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		// The "listening" lines come last in serve's startup, after the
