@@ -115,19 +115,7 @@ func TestL7SeesProxyHeaderAddress(t *testing.T) {
 		"proxy_protocol = true\nproxy_protocol_trusted = [\"127.0.0.1/32\"]\n"+
 		webRouteTOML(web, leaf.CertFile, leaf.KeyFile))
 	addr := h.addr("l")
-	client := h2Client(ca, func() (net.Conn, error) {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			return nil, err
-		}
-		src := netip.MustParseAddrPort("203.0.113.50:40000")
-		dst := netip.MustParseAddrPort("192.0.2.1:443")
-		if err := proxyproto.WriteV2(c, src, dst, ""); err != nil {
-			c.Close()
-			return nil, err
-		}
-		return c, nil
-	})
+	client := h2ClientVia(ca, addr, netip.MustParseAddrPort("203.0.113.50:40000"))
 	defer client.CloseIdleConnections()
 	if body := get(t, client, "https://web.test/"); body != "WEB HTTP/2.0 xff=203.0.113.50 proto=https" {
 		t.Fatalf("answer %q", body)
@@ -172,12 +160,13 @@ func TestL7CertificateChangesOnReload(t *testing.T) {
 	}
 }
 
-// An L4 load balancer in front of the listener sends PROXY headers; it
-// cannot add HTTP headers (TLS goes through it untouched), so the headers
-// come from the client the PROXY header names. The operator trusts the
-// load balancer's network for forwarding headers too. An internet client
-// behind it, not in forwarded_trusted, must still not be able to choose
-// the X-Forwarded-For the backend sees.
+// TestForwardedTrustUsesProxyHeaderClient: an L4 load balancer in front
+// of the listener sends PROXY headers; it cannot add HTTP headers (TLS
+// goes through it untouched), so the headers come from the client the
+// PROXY header names. The operator trusts the load balancer's network for
+// forwarding headers too. An internet client behind it, not in
+// forwarded_trusted, must still not be able to choose the X-Forwarded-For
+// the backend sees.
 func TestForwardedTrustUsesProxyHeaderClient(t *testing.T) {
 	ca := testpki.NewCA(t)
 	leaf := ca.Leaf(t, "web.test")
@@ -187,19 +176,7 @@ func TestForwardedTrustUsesProxyHeaderClient(t *testing.T) {
 		"forwarded_trusted = [\"127.0.0.1/32\"]\n"+
 		webRouteTOML(web, leaf.CertFile, leaf.KeyFile))
 	addr := h.addr("l")
-	client := h2Client(ca, func() (net.Conn, error) {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			return nil, err
-		}
-		src := netip.MustParseAddrPort("203.0.113.50:40000")
-		dst := netip.MustParseAddrPort("192.0.2.1:443")
-		if err := proxyproto.WriteV2(c, src, dst, ""); err != nil {
-			c.Close()
-			return nil, err
-		}
-		return c, nil
-	})
+	client := h2ClientVia(ca, addr, netip.MustParseAddrPort("203.0.113.50:40000"))
 	defer client.CloseIdleConnections()
 	req, _ := http.NewRequest("GET", "https://web.test/", nil)
 	req.Header.Set("X-Forwarded-For", "198.51.100.66")
@@ -213,4 +190,21 @@ func TestForwardedTrustUsesProxyHeaderClient(t *testing.T) {
 	if body := string(b[:n]); body != "WEB HTTP/2.0 xff=203.0.113.50 proto=https" {
 		t.Fatalf("answer %q: the untrusted client 203.0.113.50 set X-Forwarded-For", body)
 	}
+}
+
+// h2ClientVia is an HTTP/2 client whose every connection to addr starts
+// with a PROXY v2 header naming src as the client, as a load balancer in
+// front of the listener would send.
+func h2ClientVia(ca *testpki.CA, addr string, src netip.AddrPort) *http.Client {
+	return h2Client(ca, func() (net.Conn, error) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		if err := proxyproto.WriteV2(c, src, netip.MustParseAddrPort("192.0.2.1:443"), ""); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	})
 }
