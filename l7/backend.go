@@ -254,9 +254,13 @@ func (h *Handler) roundTripWithTimeout(rt http.RoundTripper, req *http.Request) 
 	if rw, ok := res.Body.(io.ReadWriteCloser); ok {
 		// A 101 Switching Protocols body is the raw connection, and
 		// ReverseProxy needs it writable to relay the upgraded stream.
-		// Cancelling the context does not close it; the timer must.
+		// Cancelling the context does not close it, so it is closed
+		// when the context ends: when the timer cuts it, and when the
+		// request ends with nobody having closed it (ReverseProxy drops
+		// a 101 it refuses without closing its body).
 		res.Body = &cancelRWBody{cancelBody: cb, w: rw}
-		timer.watch(func() { rw.Close() })
+		context.AfterFunc(ctx, func() { rw.Close() })
+		timer.watch(nil)
 	} else {
 		res.Body = &cb
 		timer.watch(nil)

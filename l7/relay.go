@@ -138,14 +138,14 @@ type relay struct {
 	windowCond   sync.Cond // signalled when clientWindow grows or the relay ends
 	// idle ends the connection after idleTimeout without streams
 	// (counted from idleSince); while streams are open it ticks every
-	// quarter idleTimeout and ends a connection on which no frame moved
-	// either way for a whole idleTimeout (see idleExpired).
-	idle       *time.Timer
-	idleSince  time.Time
-	lastFrames uint64 // frames read, both sides, at the last tick
-	quietTicks int
-	callbacks  sync.WaitGroup
-	endOnce    sync.Once
+	// quarter idleTimeout and ends a connection on which nothing was
+	// read from either side for a whole idleTimeout (see idleExpired).
+	idle         *time.Timer
+	idleSince    time.Time
+	lastReceived uint64 // bytes read, both sides, at the last tick
+	quietTicks   int
+	callbacks    sync.WaitGroup
+	endOnce      sync.Once
 	// draining is set by end: fromClient then only reads and drops what
 	// the client still sends, until it closes or lingerTimeout passes.
 	draining atomic.Bool
@@ -368,7 +368,7 @@ func (r *relay) drain() {
 }
 
 // idleExpired closes a connection that had no stream for idleTimeout,
-// and one whose open streams are stalled: no frame read from either side
+// and one whose open streams are stalled: nothing read from either side
 // for idleTimeout (a client that stopped reading and granting window, a
 // backend that went silent after its headers), as idle_timeout closes a
 // silent L4 relay. Streams still waiting for their response headers are
@@ -391,10 +391,10 @@ func (r *relay) idleExpired() {
 		r.goAway()
 		return
 	}
-	frames := r.client.frames.Load() + r.backend.frames.Load()
+	received := r.client.received.Load() + r.backend.received.Load()
 	r.quietTicks++
-	if frames != r.lastFrames {
-		r.lastFrames, r.quietTicks = frames, 0
+	if received != r.lastReceived {
+		r.lastReceived, r.quietTicks = received, 0
 	}
 	for _, st := range r.streams {
 		if st.code == 0 {

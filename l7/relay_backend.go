@@ -14,7 +14,6 @@ func (r *relay) fromBackend() {
 	c, b := r.client, r.backend
 	for {
 		f, err := b.fr.ReadFrame()
-		b.frames.Add(1)
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {

@@ -15,7 +15,6 @@ func (r *relay) fromClient() {
 	c, b := r.client, r.backend
 	for {
 		f, err := c.fr.ReadFrame()
-		c.frames.Add(1)
 		if r.draining.Load() {
 			if err != nil && !errors.As(err, new(http2.StreamError)) {
 				return

@@ -18,9 +18,10 @@ type relayPeer struct {
 	br   *bufio.Reader
 	fr   *http2.Framer
 	hdec *headerDecoder
-	// frames counts the frames read, for the relay's stall check; only
-	// the reading goroutine adds to it.
-	frames atomic.Uint64
+	// received counts the bytes read from conn, for the relay's stall
+	// check: bytes, not frames, so that a large frame arriving slowly
+	// counts as moving. Only the reading goroutine adds to it.
+	received atomic.Uint64
 
 	mu       sync.Mutex
 	bw       pooledWriter
@@ -32,10 +33,10 @@ type relayPeer struct {
 func newRelayPeer(c net.Conn, maxHeaderList uint32) *relayPeer {
 	p := &relayPeer{
 		conn:     c,
-		br:       bufio.NewReaderSize(c, relayBufferSize),
 		bw:       pooledWriter{conn: c},
 		maxFrame: defaultMaxFrameSize,
 	}
+	p.br = bufio.NewReaderSize(countingReader{c, &p.received}, relayBufferSize)
 	p.fr = http2.NewFramer(&p.bw, p.br)
 	// The protocol's default until the peer's SETTINGS say more
 	// (NewFramer's own default is the 16 MiB maximum).
@@ -145,4 +146,18 @@ func (p *relayPeer) credit(n uint32) {
 	if n > 0 {
 		p.write(func() error { return p.fr.WriteWindowUpdate(0, n) })
 	}
+}
+
+// countingReader adds the bytes read from r to n.
+type countingReader struct {
+	r net.Conn
+	n *atomic.Uint64
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if n > 0 {
+		c.n.Add(uint64(n))
+	}
+	return n, err
 }
