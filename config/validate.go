@@ -328,7 +328,8 @@ func canonicalHostPort(s string) (string, error) {
 		return "", fmt.Errorf("%q: port %q is not a number from 0 to 65535", s, port)
 	}
 	if a, err := netip.ParseAddr(host); err == nil {
-		host = a.Unmap().String()
+		a = a.Unmap()
+		host = a.String()
 		if a.IsUnspecified() {
 			// ":443", "0.0.0.0:443" and "[::]:443" bind the same
 			// wildcard socket (Go listens dual-stack on both).

@@ -302,7 +302,8 @@ func canonicalAddr(s string) (string, error) {
 		return "", fmt.Errorf("bad port %q", port)
 	}
 	if a, err := netip.ParseAddr(host); err == nil {
-		host = a.Unmap().String()
+		a = a.Unmap()
+		host = a.String()
 		if a.IsUnspecified() {
 			// ":443", "0.0.0.0:443" and "[::]:443" are one dual-stack
 			// wildcard socket (config validation calls them duplicates);

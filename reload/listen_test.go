@@ -52,7 +52,7 @@ func TestWildcardListenRespelled(t *testing.T) {
 	}
 	path, srv, m := startManager(t, cfg(fmt.Sprintf(":%d", port)))
 	hello := testnet.ClientHello(t, &tls.Config{ServerName: "app.test"})
-	for _, listen := range []string{fmt.Sprintf("0.0.0.0:%d", port), fmt.Sprintf("[::]:%d", port), fmt.Sprintf(":%d", port)} {
+	for _, listen := range []string{fmt.Sprintf("0.0.0.0:%d", port), fmt.Sprintf("[::]:%d", port), fmt.Sprintf("[::ffff:0.0.0.0]:%d", port), fmt.Sprintf(":%d", port)} {
 		if err := os.WriteFile(path, []byte(cfg(listen)), 0o644); err != nil {
 			t.Fatal(err)
 		}

@@ -112,9 +112,11 @@ func (m *Manager) watchPaths(w *fsnotify.Watcher, initial bool) (map[string]bool
 		dirs[filepath.Dir(l)] = true
 	}
 	if missing != "" {
-		// A component does not exist (yet): watch for it to appear.
-		names[missing] = true
-		dirs[filepath.Dir(missing)] = true
+		// A component does not exist (yet): watch for it to appear,
+		// and for the directory it would appear in to be replaced.
+		d := filepath.Dir(missing)
+		names[missing], names[d] = true, true
+		dirs[d], dirs[filepath.Dir(d)] = true, true
 	} else {
 		d := filepath.Dir(final)
 		names[final], names[d] = true, true
@@ -145,9 +147,16 @@ func (m *Manager) watchPaths(w *fsnotify.Watcher, initial bool) (map[string]bool
 // the resolved file, and, when a component does not exist, the real path
 // of that component instead of a resolved file.
 func resolveChain(path string) (links []string, final, missing string) {
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return nil, filepath.Clean(path), ""
+	// Not filepath.Abs: it cleans the path, and a lexical clean takes
+	// "link/.." for "." where the kernel goes to the parent of link's
+	// target.
+	abs := path
+	if !filepath.IsAbs(path) {
+		wd, err := os.Getwd()
+		if err != nil {
+			return nil, filepath.Clean(path), ""
+		}
+		abs = wd + string(filepath.Separator) + path
 	}
 	resolved := string(filepath.Separator)
 	rest := strings.Split(abs, string(filepath.Separator))
