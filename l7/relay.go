@@ -402,20 +402,20 @@ func (r *relay) idleExpired() {
 			break
 		}
 	}
-	stalled := r.quietTicks >= 4
-	if !stalled {
+	if r.quietTicks < 4 {
 		r.idle.Reset(r.h.idleTimeout / 4)
+		r.mu.Unlock()
+		return
 	}
-	r.mu.Unlock()
-	if stalled {
-		r.stalled()
-	}
+	r.stalledLocked()
 }
 
-// stalled ends a connection whose streams made no progress for
+// stalledLocked ends a connection whose streams made no progress for
 // idleTimeout: each is reset on both sides and the client gets a GOAWAY.
-func (r *relay) stalled() {
-	r.mu.Lock()
+// It is entered with r.mu held, in the same critical section as the
+// verdict, so a stream opened meanwhile cannot be reset with the stalled
+// ones; it releases r.mu before writing.
+func (r *relay) stalledLocked() {
 	if r.ended {
 		r.mu.Unlock()
 		return
