@@ -629,7 +629,7 @@ func TestPrefixConn(t *testing.T) {
 		b.Write([]byte(" world"))
 		b.Close()
 	}()
-	got, err := io.ReadAll(&prefixConn{Conn: a, prefix: []byte("hello")})
+	got, err := io.ReadAll(&prefixConn{stallConn: stallConn{Conn: a}, prefix: []byte("hello")})
 	if err != nil || string(got) != "hello world" {
 		t.Fatalf("read %q, %v", got, err)
 	}

@@ -57,8 +57,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 	ci.Client = netip.AddrPortFrom(ci.Client.Addr().Unmap(), ci.Client.Port())
 	ci.Local = netip.AddrPortFrom(ci.Local.Addr().Unmap(), ci.Local.Port())
 
-	pc := &prefixConn{Conn: conn, prefix: hello}
-	pc.stall.timeout = h.idleTimeout
+	pc := &prefixConn{stallConn: stallConn{Conn: conn, stall: stallGuard{timeout: h.idleTimeout}}, prefix: hello}
 	if ci.Client.IsValid() {
 		// net/http reports this as Request.RemoteAddr, so the real
 		// client shows up in its logs rather than a PROXY sender.
@@ -466,28 +465,13 @@ func (w *statusRecorder) status() int {
 }
 
 // prefixConn replays the ClientHello the accept loop consumed before
-// reading the connection itself. Its writes are bounded by stall (see
-// stallGuard): both paths write to the client through it, under TLS.
+// reading the connection itself. Its writes are bounded like a
+// stallConn's (see stallGuard): both paths write to the client through
+// it, under TLS.
 type prefixConn struct {
-	net.Conn
+	stallConn
 	prefix []byte
 	remote net.Addr // reported by RemoteAddr when set
-	stall  stallGuard
-}
-
-func (c *prefixConn) Write(p []byte) (int, error) {
-	c.stall.arm(c.Conn)
-	return c.Conn.Write(p)
-}
-
-func (c *prefixConn) SetDeadline(t time.Time) error {
-	c.stall.set(t)
-	return c.Conn.SetDeadline(t)
-}
-
-func (c *prefixConn) SetWriteDeadline(t time.Time) error {
-	c.stall.set(t)
-	return c.Conn.SetWriteDeadline(t)
 }
 
 func (c *prefixConn) Read(p []byte) (int, error) {
