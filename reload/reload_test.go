@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -30,6 +31,7 @@ type rig struct {
 	t     *testing.T
 	dir   string
 	path  string
+	log   *slog.Logger // nil: discarded
 	srv   *proxy.Server
 	m     *Manager
 	hello []byte
@@ -48,7 +50,7 @@ func newRig(t *testing.T, cfg string) *rig {
 func (r *rig) start() {
 	t := r.t
 	r.srv = proxy.NewServer(proxy.Options{})
-	r.m = New(Options{Path: r.path, Server: r.srv, Debounce: 50 * time.Millisecond})
+	r.m = New(Options{Path: r.path, Server: r.srv, Debounce: 50 * time.Millisecond, Logger: r.log})
 	if err := r.m.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -2,17 +2,13 @@ package reload
 
 import (
 	"bytes"
-	"context"
-	"crypto/tls"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
-	"github.com/portcullis/portcullis/proxy"
 	"github.com/portcullis/portcullis/testnet"
 )
 
@@ -81,23 +77,8 @@ func TestWatchDirReplacedWhileFileMissing(t *testing.T) {
 		t.Fatal(err)
 	}
 	logs := &syncBuffer{}
-	r := &rig{t: t, dir: dir, path: path}
-	r.srv = proxy.NewServer(proxy.Options{})
-	r.m = New(Options{Path: path, Server: r.srv, Debounce: 50 * time.Millisecond, Logger: slog.New(slog.NewTextHandler(logs, nil))})
-	if err := r.m.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { r.m.Watch(ctx); close(done) }()
-	r.hello = testnet.ClientHello(t, &tls.Config{ServerName: "app.test"})
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		sctx, c := context.WithTimeout(context.Background(), 5*time.Second)
-		defer c()
-		r.srv.Shutdown(sctx)
-	})
+	r := &rig{t: t, dir: dir, path: path, log: slog.New(slog.NewTextHandler(logs, nil))}
+	r.start()
 	r.await("l", "A")
 
 	if err := os.Remove(path); err != nil {
