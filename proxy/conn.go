@@ -128,16 +128,22 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		raw := append([]byte(nil), hello.Raw...)
 		sni := hello.ServerName
 		release()
-		r.l7.ServeConn(s.drainCtx, c, raw, l7.ConnInfo{
+		lconn := &l7Conn{TCPConn: c}
+		r.l7.ServeConn(s.drainCtx, lconn, raw, l7.ConnInfo{
 			Client:         client,
 			Local:          local,
 			TrustForwarded: containsAddr(lc.forwardedTrusted, client.Addr()),
 			SNI:            sni,
 			Cut:            s.hardCtx,
 		})
+		// The hello was read before the handler, as on L4 routes.
+		in, out := uint64(len(raw))+lconn.in.Load(), lconn.out.Load()
+		r.m.toBackend.Add(float64(in))
+		r.m.toClient.Add(float64(out))
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "connection",
 			slog.String("listener", lc.name), slog.Any("client", client), slog.String("sni", sni),
 			slog.String("route", r.sni), slog.String("mode", "l7"), slog.String("backend", r.backend),
+			slog.Uint64("bytes_in", in), slog.Uint64("bytes_out", out),
 			slog.Duration("duration", time.Since(start)))
 		return
 	}
@@ -275,4 +281,25 @@ func (s *sampler) log(l *slog.Logger, level slog.Level, key, msg string, attrs .
 		attrs = append(attrs, "suppressed", suppressed)
 	}
 	l.Log(context.Background(), level, msg, attrs...)
+}
+
+// l7Conn is the client socket an L7 handler serves. An L7 route has no
+// relay counting bytes, so the socket counts what the handler reads and
+// writes (TLS included): one atomic add per read or write, next to the
+// cryptography each one costs.
+type l7Conn struct {
+	*net.TCPConn
+	in, out atomic.Uint64
+}
+
+func (c *l7Conn) Read(p []byte) (int, error) {
+	n, err := c.TCPConn.Read(p)
+	c.in.Add(uint64(n))
+	return n, err
+}
+
+func (c *l7Conn) Write(p []byte) (int, error) {
+	n, err := c.TCPConn.Write(p)
+	c.out.Add(uint64(n))
+	return n, err
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"golang.org/x/net/http2/h2c"
 
 	"github.com/portcullis/portcullis/proxyproto"
+	"github.com/portcullis/portcullis/testnet"
 	"github.com/portcullis/portcullis/testpki"
 )
 
@@ -207,4 +209,56 @@ func h2ClientVia(ca *testpki.CA, addr string, src netip.AddrPort) *http.Client {
 		}
 		return c, nil
 	})
+}
+
+// TestL7RouteBytes: an L7 route counts its bytes too, as the client's
+// side of the connection carried them (TLS included), once the
+// connection ends.
+func TestL7RouteBytes(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "web.test")
+	web := h2cBackend(t, "WEB")
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+webRouteTOML(web, leaf.CertFile, leaf.KeyFile))
+	addr := h.addr("l")
+	var sent, received atomic.Int64 // on the client's socket, as the client counts them
+	client := h2Client(ca, func() (net.Conn, error) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		return &countingConn{Conn: c, sent: &sent, received: &received}, nil
+	})
+	for range 3 {
+		get(t, client, "https://web.test/")
+	}
+	client.CloseIdleConnections()
+	testnet.WaitFor(t, "the L7 route's bytes to be counted", func() bool {
+		return h.routeBytes("l", "web.test", "client_to_backend") > 0
+	})
+	// The client stops reading at its close, so the proxy may have sent
+	// a little more (a GOAWAY, a close_notify) than the client read.
+	if in := h.routeBytes("l", "web.test", "client_to_backend"); in != float64(sent.Load()) {
+		t.Errorf("client_to_backend = %v, want the %d bytes the client sent", in, sent.Load())
+	}
+	if out := h.routeBytes("l", "web.test", "backend_to_client"); out < float64(received.Load()) {
+		t.Errorf("backend_to_client = %v, want at least the %d bytes the client received", out, received.Load())
+	}
+}
+
+// countingConn counts the bytes a client sends and receives.
+type countingConn struct {
+	net.Conn
+	sent, received *atomic.Int64
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.sent.Add(int64(n))
+	return n, err
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.received.Add(int64(n))
+	return n, err
 }
