@@ -97,9 +97,13 @@ func (e *connectError) Unwrap() error { return e.err }
 
 // dialBackend dials the backend over TCP.
 func (h *Handler) dialBackend(ctx context.Context) (net.Conn, error) {
+	start := time.Now()
 	c, err := h.dialer.DialContext(ctx, "tcp", h.backend)
 	if err != nil {
 		return nil, &connectError{op: "dial", err: err}
+	}
+	if h.dialSeconds != nil {
+		h.dialSeconds.Observe(time.Since(start).Seconds())
 	}
 	return c, nil
 }

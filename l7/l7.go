@@ -129,6 +129,10 @@ type Options struct {
 	IdleTimeout       time.Duration // client connection idle timeout
 	Logger            *slog.Logger  // nil discards
 	Metrics           *Metrics      // nil records nothing
+	// DialSeconds observes how long each successful backend TCP dial
+	// took (the route's dial latency histogram, as on L4 routes); nil
+	// records nothing.
+	DialSeconds interface{ Observe(float64) }
 }
 
 // Handler terminates TLS and proxies HTTP for one route. It is safe for
@@ -145,7 +149,9 @@ type Handler struct {
 	tlsConfig  *tls.Config // client-facing, shared by all connections
 	backendTLS *tls.Config // nil for h2c and http1
 	dialer     net.Dialer
-	shared     backendTransport // nil when every connection gets its own (PROXY v2)
+	// dialSeconds observes successful backend dials; may be nil.
+	dialSeconds interface{ Observe(float64) }
+	shared      backendTransport // nil when every connection gets its own (PROXY v2)
 
 	log      *slog.Logger
 	errorLog *log.Logger // net/http's and ReverseProxy's own complaints, at debug
@@ -177,6 +183,7 @@ func NewHandler(o Options) (*Handler, error) {
 	h.log = h.log.With("listener", o.Listener, "route", o.Route)
 	h.errorLog = slog.NewLogLogger(h.log.Handler(), slog.LevelDebug)
 	h.dialer = net.Dialer{Timeout: h.dialTimeout}
+	h.dialSeconds = o.DialSeconds
 
 	host, _, err := net.SplitHostPort(o.Backend)
 	if err != nil {

@@ -243,6 +243,35 @@ func TestL7RouteBytes(t *testing.T) {
 	if out := h.routeBytes("l", "web.test", "backend_to_client"); out < float64(received.Load()) {
 		t.Errorf("backend_to_client = %v, want at least the %d bytes the client received", out, received.Load())
 	}
+	// The backend connection was dialed once and pooled.
+	if got := histogramCount(t, h, "l", "web.test"); got != 1 {
+		t.Errorf("%d backend dials observed, want 1 (one pooled backend connection)", got)
+	}
+}
+
+// histogramCount is how many dials the route's dial latency histogram
+// has observed.
+func histogramCount(t *testing.T, h *harness, listener, route string) uint64 {
+	t.Helper()
+	mfs, err := h.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "portcullis_backend_dial_duration_seconds" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["listener"] == listener && labels["route"] == route {
+				return m.GetHistogram().GetSampleCount()
+			}
+		}
+	}
+	return 0
 }
 
 // countingConn counts the bytes a client sends and receives.

@@ -187,6 +187,7 @@ func (s *Server) compileListener(cfg *config.Config, li int, key string, l *conf
 				IdleTimeout:       lc.idleTimeout,
 				Logger:            s.log,
 				Metrics:           s.l7metrics,
+				DialSeconds:       r.m.dial,
 			})
 			if err != nil {
 				field := l7ErrorKey(err)
