@@ -410,9 +410,21 @@ type getResult struct {
 // getAsync runs GET url on c in a goroutine of its own, for a test that
 // acts while the request is in flight.
 func getAsync(c *http.Client, url string) <-chan getResult {
+	req, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		done := make(chan getResult, 1)
+		done <- getResult{err: err}
+		return done
+	}
+	return doAsync(c, req)
+}
+
+// doAsync sends req on c in a goroutine of its own and delivers the
+// whole response.
+func doAsync(c *http.Client, req *http.Request) <-chan getResult {
 	done := make(chan getResult, 1)
 	go func() {
-		res, err := c.Get(url)
+		res, err := c.Do(req)
 		if err != nil {
 			done <- getResult{err: err}
 			return

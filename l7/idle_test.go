@@ -197,19 +197,8 @@ func TestGeneralPathSlowTrafficKeepsMoving(t *testing.T) {
 			t.Run(kind, func(t *testing.T) {
 				checkLeaks(t)
 				pki := newTestPKI(t)
-				be := startBackend(t, pki, kind, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-					rc := http.NewResponseController(w)
-					rc.EnableFullDuplex()
-					io.WriteString(w, "started\n")
-					rc.Flush()
-					n, err := io.Copy(io.Discard, r.Body)
-					fmt.Fprintf(w, "got %d bytes, err %v\n", n, err)
-				}))
-				proto := "http1"
-				if kind == beH2C {
-					proto = "h2c"
-				}
-				h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: proto, IdleTimeout: idleTestTimeout})
+				be := startBackend(t, pki, kind, false, startsThenCounts())
+				h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: kind, IdleTimeout: idleTestTimeout})
 				addr := startProxy(t, h, false).addr
 				c, _ := newClient(t, pki, addr, false, "")
 				pr, pw := io.Pipe()

@@ -24,19 +24,8 @@ func TestHTTP1BodyStillMovingWhenResponseStarts(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			checkLeaks(t)
 			pki := newTestPKI(t)
-			be := startBackend(t, pki, kind, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				rc := http.NewResponseController(w)
-				rc.EnableFullDuplex()
-				io.WriteString(w, "started\n")
-				rc.Flush()
-				n, err := io.Copy(io.Discard, r.Body)
-				fmt.Fprintf(w, "got %d bytes, err %v\n", n, err)
-			}))
-			proto := "http1"
-			if kind == beH2C {
-				proto = "h2c"
-			}
-			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: proto})
+			be := startBackend(t, pki, kind, false, startsThenCounts())
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: kind})
 			addr := startProxy(t, h, false).addr
 			c, _ := newClient(t, pki, addr, false, "")
 
@@ -55,22 +44,13 @@ func TestHTTP1BodyStillMovingWhenResponseStarts(t *testing.T) {
 			// Writes on a pipe are gated one after the other; only the
 			// byte count matters here.
 			go pw.Write(first)
-			type result struct {
-				res *http.Response
-				err error
-			}
-			resc := make(chan result, 1)
-			go func() {
-				res, err := c.Do(req)
-				resc <- result{res, err}
-			}()
-			r := <-resc
-			if r.err != nil {
+			res, err := c.Do(req)
+			if err != nil {
 				pw.Close()
-				t.Fatalf("request: %v", r.err)
+				t.Fatalf("request: %v", err)
 			}
-			defer r.res.Body.Close()
-			br := bufio.NewReader(r.res.Body)
+			defer res.Body.Close()
+			br := bufio.NewReader(res.Body)
 			line, err := br.ReadString('\n')
 			if err != nil || line != "started\n" {
 				pw.CloseWithError(err)
@@ -113,11 +93,7 @@ func TestRequestTrailers(t *testing.T) {
 				body, err := io.ReadAll(r.Body)
 				fmt.Fprintf(w, "body=%q err=%v trailer=%q", body, err, r.Trailer.Get("X-Checksum"))
 			}))
-			proto := "http1"
-			if tc.backend == beH2C {
-				proto = "h2c"
-			}
-			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: proto})
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: tc.backend})
 			addr := startProxy(t, h, false).addr
 			c, _ := newClient(t, pki, addr, tc.clientH2, "")
 
@@ -140,4 +116,18 @@ func TestRequestTrailers(t *testing.T) {
 			}
 		})
 	}
+}
+
+// startsThenCounts answers "started\n" at once, in full duplex, then
+// reads the whole request body and reports its size: a backend whose
+// response begins while the upload is still arriving.
+func startsThenCounts() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		rc.EnableFullDuplex()
+		io.WriteString(w, "started\n")
+		rc.Flush()
+		n, err := io.Copy(io.Discard, r.Body)
+		fmt.Fprintf(w, "got %d bytes, err %v\n", n, err)
+	})
 }

@@ -2493,17 +2493,7 @@ func TestSlowUploadNotTimedOut(t *testing.T) {
 			defer pw.Close()
 			req := mustRequest(t, "POST", url+"/upload", pr)
 			req.ContentLength = chunks * chunk
-			done := make(chan getResult, 1)
-			go func() {
-				res, err := c.Do(req)
-				if err != nil {
-					done <- getResult{err: err}
-					return
-				}
-				b, err := io.ReadAll(res.Body)
-				res.Body.Close()
-				done <- getResult{res.StatusCode, string(b), err}
-			}()
+			done := doAsync(c, req)
 			sent := make(chan int, 1) // chunks taken by the proxy when the writer stopped
 			go func() {
 				i := 0
