@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -50,6 +51,21 @@ func (s *logSink) accessLines() []map[string]any {
 }
 
 // startLoggedProxy is startProxy with the access log captured.
+// wantEnds fails t unless every access line logged so far ended as want.
+func (s *logSink) wantEnds(t *testing.T, want string) {
+	t.Helper()
+	lines := s.accessLines()
+	var wrong []string
+	for _, l := range lines {
+		if end, _ := l["end"].(string); end != want {
+			wrong = append(wrong, end)
+		}
+	}
+	if len(wrong) > 0 {
+		t.Fatalf("%d of %d connections logged with the wrong end reason (want %s): %q", len(wrong), len(lines), want, wrong)
+	}
+}
+
 func startLoggedProxy(t *testing.T, toml string) (*harness, *logSink) {
 	t.Helper()
 	sink := &logSink{}
@@ -91,15 +107,7 @@ func TestEndReasonClientAbortsDownload(t *testing.T) {
 		c.Close() // RST: the client aborts the download
 		testnet.WaitFor(t, "access log line", func() bool { return len(sink.accessLines()) == i+1 })
 	}
-	var wrong []string
-	for _, l := range sink.accessLines() {
-		if l["end"] != "client_reset" {
-			wrong = append(wrong, l["end"].(string))
-		}
-	}
-	if len(wrong) > 0 {
-		t.Fatalf("%d of %d client aborts logged with the wrong end reason: %q", len(wrong), rounds, wrong)
-	}
+	sink.wantEnds(t, "client_reset")
 }
 
 // TestEndReasonBackendAbortsUpload: the mirror image — a backend that
@@ -129,15 +137,7 @@ func TestEndReasonBackendAbortsUpload(t *testing.T) {
 		c.Close()
 		testnet.WaitFor(t, "access log line", func() bool { return len(sink.accessLines()) == i+1 })
 	}
-	var wrong []string
-	for _, l := range sink.accessLines() {
-		if l["end"] != "backend_reset" {
-			wrong = append(wrong, l["end"].(string))
-		}
-	}
-	if len(wrong) > 0 {
-		t.Fatalf("%d of %d backend aborts logged with the wrong end reason: %q", len(wrong), rounds, wrong)
-	}
+	sink.wantEnds(t, "backend_reset")
 }
 
 // TestFailedApplyLeavesNoSeries: a reload that fails (here: the new
@@ -160,22 +160,7 @@ func TestFailedApplyLeavesNoSeries(t *testing.T) {
 	}
 	h.srv.Discard(snap)
 	h.apply(base) // the operator gives up on the new listener
-	mfs, err := h.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var leaked []string
-	for _, mf := range mfs {
-		for _, m := range mf.GetMetric() {
-			for _, lp := range m.GetLabel() {
-				if lp.GetValue() == "typo" || lp.GetValue() == "never.test" {
-					leaked = append(leaked, mf.GetName()+" "+m.String())
-					break
-				}
-			}
-		}
-	}
-	if len(leaked) > 0 {
+	if leaked := h.seriesLabelled("typo", "never.test"); len(leaked) > 0 {
 		t.Fatalf("%d series of a listener that never served are exported:\n%s", len(leaked), strings.Join(leaked, "\n"))
 	}
 }
@@ -200,22 +185,29 @@ func TestFailedCompileLeavesNoSeries(t *testing.T) {
 	} else {
 		t.Log(err)
 	}
+	if leaked := h.seriesLabelled("typo", "never.test", "l7.test"); len(leaked) > 0 {
+		t.Fatalf("%d series of a compile that failed are exported:\n%s", len(leaked), strings.Join(leaked, "\n"))
+	}
+}
+
+// seriesLabelled lists the exported series that carry any of values as
+// a label value.
+func (h *harness) seriesLabelled(values ...string) []string {
+	h.t.Helper()
 	mfs, err := h.reg.Gather()
 	if err != nil {
-		t.Fatal(err)
+		h.t.Fatal(err)
 	}
-	var leaked []string
+	var found []string
 	for _, mf := range mfs {
 		for _, m := range mf.GetMetric() {
 			for _, lp := range m.GetLabel() {
-				if v := lp.GetValue(); v == "typo" || v == "never.test" || v == "l7.test" {
-					leaked = append(leaked, mf.GetName()+" "+lp.GetName()+"="+v)
+				if slices.Contains(values, lp.GetValue()) {
+					found = append(found, mf.GetName()+" "+lp.GetName()+"="+lp.GetValue())
 					break
 				}
 			}
 		}
 	}
-	if len(leaked) > 0 {
-		t.Fatalf("%d series of a compile that failed are exported:\n%s", len(leaked), strings.Join(leaked, "\n"))
-	}
+	return found
 }

@@ -175,3 +175,22 @@ func canceledCtx() context.Context {
 func (h *harness) routeBytes(listener, route, dir string) float64 {
 	return testutil.ToFloat64(h.srv.metrics.routeBytes.WithLabelValues(listener, route, dir))
 }
+
+// shutdownCutting shuts the server down with grace and requires it to
+// cut what (a connection still live) and return soon after the grace
+// ends: Shutdown returns only once every connection has ended.
+func (h *harness) shutdownCutting(grace time.Duration, what string) {
+	h.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- h.srv.Shutdown(ctx) }()
+	select {
+	case err := <-done:
+		if err != context.DeadlineExceeded {
+			h.t.Fatalf("Shutdown = %v, want DeadlineExceeded", err)
+		}
+	case <-time.After(10 * time.Second):
+		h.t.Fatalf("Shutdown still waiting 10s after its grace period ended: %s was not cut", what)
+	}
+}

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"context"
 	"crypto/tls"
 	"io"
 	"net"
@@ -67,18 +66,7 @@ func TestShutdownGraceClosesBlockedL7Relay(t *testing.T) {
 	// Once the relay has the stream, the upload runs until it is stuck.
 	testnet.WaitFor(t, "the stream to reach the relay", func() bool { return l7ActiveStreams(t, h) == 1 })
 
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- h.srv.Shutdown(ctx) }()
-	select {
-	case err := <-done:
-		if err != context.DeadlineExceeded {
-			t.Fatalf("Shutdown = %v, want DeadlineExceeded", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Shutdown still waiting 10s after its grace period ended: the L7 relay was not cut")
-	}
+	h.shutdownCutting(200*time.Millisecond, "the L7 relay")
 }
 
 func l7ActiveStreams(t *testing.T, h *harness) float64 {

@@ -719,19 +719,7 @@ func TestShutdownGraceClosesBlockedRelay(t *testing.T) {
 			break
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-	defer cancel()
-	// Shutdown returns once every connection has ended.
-	done := make(chan error, 1)
-	go func() { done <- h.srv.Shutdown(ctx) }()
-	select {
-	case err := <-done:
-		if err != context.DeadlineExceeded {
-			t.Fatalf("Shutdown = %v, want DeadlineExceeded", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Shutdown still waiting for the blocked relay 10s after the grace period")
-	}
+	h.shutdownCutting(100*time.Millisecond, "the blocked relay")
 }
 
 // TestRemovedRoutesLeaveNoSeries: series of routes and listeners that a
