@@ -47,10 +47,7 @@ func TestRelayClientNeverReads(t *testing.T) {
 	p.must(p.write(func() error { return p.fr.WriteWindowUpdate(0, 1<<31-1-65535) }))
 	p.get(1, "/")
 	// From here on the client reads nothing.
-	testnet.WaitFor(t, "the backend handler to start", func() bool { return running.Load() == 1 })
-	testnet.WaitFor(t, "the stalled connection to be closed (backend handler to end)", func() bool {
-		return running.Load() == 0 && be.open.Load() == 0
-	})
+	waitCut(t, &running, be, "stalled")
 }
 
 // The same on the general path: an HTTP/1.1 client (and an HTTP/2 client
@@ -85,10 +82,7 @@ func TestGeneralPathClientNeverReads(t *testing.T) {
 				}
 			}
 			// From here on the client reads nothing.
-			testnet.WaitFor(t, "the backend handler to start", func() bool { return running.Load() == 1 })
-			testnet.WaitFor(t, "the stalled connection to be closed (backend handler to end)", func() bool {
-				return running.Load() == 0 && be.open.Load() == 0
-			})
+			waitCut(t, &running, be, "stalled")
 		})
 	}
 }
@@ -148,10 +142,7 @@ func TestRelaySilentStreamIdles(t *testing.T) {
 	p := dialRaw(t, pki, addr)
 	p.get(1, "/")
 	// From here on the client reads nothing.
-	testnet.WaitFor(t, "the backend handler to start", func() bool { return running.Load() == 1 })
-	testnet.WaitFor(t, "the silent connection to be closed (backend handler to end)", func() bool {
-		return running.Load() == 0 && be.open.Load() == 0
-	})
+	waitCut(t, &running, be, "silent")
 }
 
 // The general path's HTTP/2 server with default windows: a client that
@@ -166,8 +157,16 @@ func TestGeneralPathH2SilentStreamIdles(t *testing.T) {
 	addr := startProxy(t, h, false).addr
 	p := dialRaw(t, pki, addr)
 	p.get(1, "/")
+	waitCut(t, &running, be, "silent")
+}
+
+// waitCut waits for the backend handler counted by running to start,
+// then for the proxy to cut the what connection: the handler ends and
+// the backend has no connection left open.
+func waitCut(t *testing.T, running *atomic.Int32, be *testBackend, what string) {
+	t.Helper()
 	testnet.WaitFor(t, "the backend handler to start", func() bool { return running.Load() == 1 })
-	testnet.WaitFor(t, "the silent connection to be closed (backend handler to end)", func() bool {
+	testnet.WaitFor(t, "the "+what+" connection to be closed (backend handler to end)", func() bool {
 		return running.Load() == 0 && be.open.Load() == 0
 	})
 }
