@@ -264,11 +264,10 @@ func (h *Handler) roundTripWithTimeout(rt http.RoundTripper, req *http.Request) 
 		// a 101 it refuses without closing its body).
 		res.Body = &cancelRWBody{cancelBody: cb, w: rw}
 		context.AfterFunc(ctx, func() { rw.Close() })
-		timer.watch(nil)
 	} else {
 		res.Body = &cb
-		timer.watch(nil)
 	}
+	timer.watch()
 	return res, nil
 }
 
@@ -288,7 +287,6 @@ type responseTimer struct {
 	fired    bool // a restart found it fired: it stays fired
 	watching bool // the idle timeout runs (set by watch)
 	done     bool // the body is closed, or was cut
-	onIdle   func()
 
 	// The idle state, updated without the lock: last is when something
 	// last moved (as time since monoBase); waiting is set while a read
@@ -322,13 +320,11 @@ func (t *responseTimer) stop() bool {
 }
 
 // watch starts the idle timeout, once stop has reported the response
-// timeout stopped; onIdle, if not nil, is called besides cancelling the
-// context when it expires.
-func (t *responseTimer) watch(onIdle func()) {
+// timeout stopped; when it expires it cancels the request's context.
+func (t *responseTimer) watch() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.watching = true
-	t.onIdle = onIdle
 	t.moved()
 	t.t.Reset(t.idle)
 }
@@ -387,12 +383,8 @@ func (t *responseTimer) fire() {
 		return
 	}
 	t.done = true
-	onIdle := t.onIdle
 	t.mu.Unlock()
 	t.cancel(errBackendIdle)
-	if onIdle != nil {
-		onIdle()
-	}
 }
 
 // timedBody restarts the response timer whenever the transport takes some
