@@ -36,7 +36,7 @@ func (c *Config) Validate() error {
 				names[l.Name] = key + ".name"
 			}
 		}
-		if a, err := canonicalHostPort(l.Listen); err == nil {
+		if a, err := CanonicalHostPort(l.Listen); err == nil {
 			if prev, ok := addrs[a]; ok {
 				v.errf(key+".listen", "duplicate listen address %q (first at %s)", l.Listen, v.where(prev))
 			} else {
@@ -71,7 +71,7 @@ func (v *validator) top() {
 	}
 	a := c.Admin
 	if a.Listen != "" {
-		if _, err := canonicalHostPort(a.Listen); err != nil {
+		if _, err := CanonicalHostPort(a.Listen); err != nil {
 			v.errf("admin.listen", "%v", err)
 		}
 		if a.TLSCert == "" || a.TLSKey == "" {
@@ -85,7 +85,7 @@ func (v *validator) top() {
 		v.errf("admin.client_ca", "client_ca needs admin.listen")
 	}
 	if c.Metrics.Listen != "" {
-		if _, err := canonicalHostPort(c.Metrics.Listen); err != nil {
+		if _, err := CanonicalHostPort(c.Metrics.Listen); err != nil {
 			v.errf("metrics.listen", "%v", err)
 		}
 	}
@@ -123,7 +123,7 @@ func (v *validator) listener(li int, key string, l *Listener) {
 	if l.Name == "" {
 		v.errf(key+".name", "required")
 	}
-	if _, err := canonicalHostPort(l.Listen); err != nil {
+	if _, err := CanonicalHostPort(l.Listen); err != nil {
 		v.errf(key+".listen", "%v", err)
 	}
 	for i, p := range l.ProxyProtocolTrusted {
@@ -206,7 +206,7 @@ func (r *Route) Validate() error {
 	if err := ValidateSNI(r.SNI); err != nil {
 		return &fieldError{field: "sni", err: err}
 	}
-	if _, err := canonicalHostPort(r.Backend); err != nil {
+	if _, err := CanonicalHostPort(r.Backend); err != nil {
 		return &fieldError{field: "backend", err: err}
 	}
 	switch r.Mode {
@@ -315,7 +315,7 @@ func validCountry(cc string) bool {
 
 // canonicalHostPort checks a host:port and returns it in a canonical form
 // so ":443" and "[::]:443" style duplicates are caught as the same string.
-func canonicalHostPort(s string) (string, error) {
+func CanonicalHostPort(s string) (string, error) {
 	if s == "" {
 		return "", errors.New("required (host:port)")
 	}

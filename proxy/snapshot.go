@@ -2,10 +2,8 @@ package proxy
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
@@ -139,7 +137,7 @@ func (s *Server) compileFirewall(snap *Snapshot, prev *Snapshot) error {
 }
 
 func (s *Server) compileListener(cfg *config.Config, li int, key string, l *config.Listener) (*listenerConfig, error) {
-	addr, err := canonicalAddr(l.Listen)
+	addr, err := config.CanonicalHostPort(l.Listen)
 	if err != nil {
 		return nil, cfg.KeyError(key+".listen", err)
 	}
@@ -288,29 +286,4 @@ func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
 		}
 	}
 	return false
-}
-
-// canonicalAddr makes equal listen addresses equal strings, as config
-// validation compares them, so a reload that only re-spells an address
-// (":443" as "[::]:443", "LOCALHOST" as "localhost") keeps its socket.
-func canonicalAddr(s string) (string, error) {
-	host, port, err := net.SplitHostPort(s)
-	if err != nil {
-		return "", err
-	}
-	n, err := strconv.ParseUint(port, 10, 16)
-	if err != nil {
-		return "", fmt.Errorf("bad port %q", port)
-	}
-	if a, err := netip.ParseAddr(host); err == nil {
-		a = a.Unmap()
-		host = a.String()
-		if a.IsUnspecified() {
-			// ":443", "0.0.0.0:443" and "[::]:443" are one dual-stack
-			// wildcard socket (config validation calls them duplicates);
-			// re-spelling one as another must keep it, not bind beside it.
-			host = ""
-		}
-	}
-	return net.JoinHostPort(strings.ToLower(host), strconv.FormatUint(n, 10)), nil
 }
