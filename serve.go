@@ -71,46 +71,11 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	// keep their default action and kill the process, so a reload or a
 	// stop sent while the daemon starts (systemd, the kubelet) would skip
 	// the drain and leave the admin socket behind. Signals that arrive
-	// during startup wait in the channel and are handled once it is done.
-	//
-	// One goroutine reads the signals for the whole life of the daemon,
-	// so none is dropped however long a reload or a startup step takes:
-	// SIGHUPs coalesce into one pending reload request, the first
-	// SIGTERM/SIGINT is kept for the main loop, and a second one exits at
-	// once, during startup as during the drain.
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
-	reloadReq := make(chan struct{}, 1)
-	stopReq := make(chan os.Signal, 1)
-	sigDone := make(chan struct{})
-	defer close(sigDone)
-	go func() {
-		stopping := false
-		for {
-			var sig os.Signal
-			select {
-			case sig = <-sigs:
-			case <-sigDone:
-				return
-			}
-			switch {
-			case sig == syscall.SIGHUP:
-				if !stopping { // a reload request (logrotate, say) is no reason to cut the drain
-					select {
-					case reloadReq <- struct{}{}:
-					default: // one is already pending
-					}
-				}
-			case !stopping:
-				stopping = true
-				stopReq <- sig
-			default:
-				log.Warn("second signal: exiting at once", "signal", sig.String())
-				os.Exit(1)
-			}
-		}
-	}()
+	// during startup are kept and handled once it is done; one goroutine
+	// reads them for the daemon's whole life, so none is dropped however
+	// long a reload or a startup step takes.
+	reloadReq, stopReq, stopSignals := readSignals(log)
+	defer stopSignals()
 
 	cfg, err := config.Load(path)
 	if err != nil {
@@ -218,4 +183,47 @@ wait:
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// readSignals subscribes to SIGHUP, SIGTERM and SIGINT and reads them in a
+// goroutine of its own until stop is called: SIGHUPs coalesce into one
+// pending reload request (ignored once stopping: a reload request,
+// logrotate's say, is no reason to cut the drain), the first SIGTERM or
+// SIGINT goes to stopReq, and a second one exits at once.
+func readSignals(log *slog.Logger) (reloadReq <-chan struct{}, stopReq <-chan os.Signal, stop func()) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	reload := make(chan struct{}, 1)
+	stopping := make(chan os.Signal, 1)
+	done := make(chan struct{})
+	go func() {
+		stopped := false
+		for {
+			var sig os.Signal
+			select {
+			case sig = <-sigs:
+			case <-done:
+				return
+			}
+			switch {
+			case sig == syscall.SIGHUP:
+				if !stopped {
+					select {
+					case reload <- struct{}{}:
+					default: // one is already pending
+					}
+				}
+			case !stopped:
+				stopped = true
+				stopping <- sig
+			default:
+				log.Warn("second signal: exiting at once", "signal", sig.String())
+				os.Exit(1)
+			}
+		}
+	}()
+	return reload, stopping, func() {
+		signal.Stop(sigs)
+		close(done)
+	}
 }
