@@ -111,17 +111,15 @@ func (m *Manager) watchPaths(w *fsnotify.Watcher, initial bool) (map[string]bool
 		names[l] = true
 		dirs[filepath.Dir(l)] = true
 	}
+	// The file, or the first component that does not exist (yet): watch
+	// for it to change or appear, and for its directory to be replaced.
+	end := final
 	if missing != "" {
-		// A component does not exist (yet): watch for it to appear,
-		// and for the directory it would appear in to be replaced.
-		d := filepath.Dir(missing)
-		names[missing], names[d] = true, true
-		dirs[d], dirs[filepath.Dir(d)] = true, true
-	} else {
-		d := filepath.Dir(final)
-		names[final], names[d] = true, true
-		dirs[d], dirs[filepath.Dir(d)] = true, true
+		end = missing
 	}
+	d := filepath.Dir(end)
+	names[end], names[d] = true, true
+	dirs[d], dirs[filepath.Dir(d)] = true, true
 	var fileDirErr error
 	for d := range dirs {
 		if err := w.Add(d); err != nil {
