@@ -43,6 +43,7 @@ type options struct {
 	cpus     cpuLayout
 
 	haproxySplice bool
+	floor         bool
 }
 
 func main() {
@@ -65,6 +66,7 @@ func run(args []string) int {
 	fs.StringVar(&o.godebug, "proxy-godebug", "", "run portcullis with GODEBUG set to this")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "try to raise the hard RLIMIT_NOFILE to this first (needs CAP_SYS_RESOURCE; 0: keep it)")
 	fs.BoolVar(&o.haproxySplice, "haproxy-splice", false, "give HAProxy `option splice-auto`, which lets it splice(2) transfers it judges worth it")
+	fs.BoolVar(&o.floor, "floor", false, "also measure bench/floor's two minimal Go relays (goroutines, epoll): what any Go relay pays on this machine, without portcullis's features")
 	cpus := fs.String("cpus", "shared", "shared: every process may use every CPU; split: load generator and backend on the first half of the CPUs, proxies on the rest")
 	phases := fs.String("phases", "idle,bulk,rate", "comma-separated phases to run: idle, bulk, rate")
 	if err := fs.Parse(args); err != nil {
@@ -175,7 +177,7 @@ type target struct {
 	proc *child // the proxy process; nil for direct
 	res  *targetResult
 
-	metricsURL string // portcullis only
+	metricsURL string // Go targets (portcullis, the floors) only
 }
 
 const haproxyMaxconn = 20000
@@ -273,6 +275,12 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 		rep.Nginx = nginxVersion(ctx, path)
 		nc, addr, err := startNginx(ctx, dir, path, be.addr(), lim.Cur, o.cpus)
 		if targets, err = addReference(ctx, cl, rep, targets, "nginx", &rep.Nginx, nc, addr, err); err != nil {
+			return nil, err
+		}
+	}
+
+	if o.floor {
+		if targets, err = addFloors(ctx, cl, dir, be.addr(), o.cpus, targets); err != nil {
 			return nil, err
 		}
 	}
@@ -561,6 +569,41 @@ func addReference(ctx context.Context, cl *cleanup, rep *report, targets []*targ
 		return targets, nil
 	}
 	return append(targets, &target{name: name, addr: addr, proc: c}), nil
+}
+
+// addFloors builds bench/floor and starts it once per model, as targets
+// named go-goroutines and go-epoll.
+func addFloors(ctx context.Context, cl *cleanup, dir, backendAddr string, cpus cpuLayout, targets []*target) ([]*target, error) {
+	bin := filepath.Join(dir, "floor")
+	fmt.Fprintln(os.Stderr, "bench: building bench/floor ...")
+	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "github.com/portcullis/portcullis/bench/floor")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return targets, fmt.Errorf("go build bench/floor (run from inside the repository): %w", err)
+	}
+	for _, model := range []string{"goroutines", "epoll"} {
+		ports, err := freePorts(2)
+		if err != nil {
+			return targets, err
+		}
+		addr := "127.0.0.1:" + strconv.Itoa(ports[0])
+		metricsAddr := "127.0.0.1:" + strconv.Itoa(ports[1])
+		argv, err := cpus.proxyArgv([]string{bin, "-model", model, "-listen", addr, "-backend", backendAddr, "-metrics", metricsAddr})
+		if err != nil {
+			return targets, err
+		}
+		name := "go-" + model
+		c, err := startChild(name, filepath.Join(dir, name+".log"), argv...)
+		if err != nil {
+			return targets, err
+		}
+		cl.add(c.stop)
+		if err := waitListening(ctx, c, addr, 15*time.Second); err != nil {
+			return targets, fmt.Errorf("%s: %w", name, err)
+		}
+		targets = append(targets, &target{name: name, addr: addr, proc: c, metricsURL: "http://" + metricsAddr + "/metrics"})
+	}
+	return targets, nil
 }
 
 // startPortcullis writes the config and starts `portcullis serve`,
