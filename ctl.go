@@ -189,7 +189,7 @@ func ctl(ctx context.Context, c *rpc.Client, p *printer, args []string) error {
 			return p.overrides(&adminpb.ListOverridesResponse{Overrides: ov})
 		}
 		switch {
-		case rest[0] == "clear-all":
+		case rest[0] == "clear-all" && len(rest) == 1:
 			n, err := c.ClearAllOverrides(ctx)
 			return p.done(err, fmt.Sprintf("%d override(s) cleared", n))
 		case rest[0] == "clear" && len(rest) == 4 && rest[1] == "route":
@@ -262,6 +262,12 @@ func routeFlags(args []string) (*adminpb.Route, error) {
 	fs.StringVar(&r.ResponseTimeout, "response-timeout", "", "L7 response header timeout")
 	if err := fs.Parse(args); err != nil {
 		return nil, usageError("route put: " + err.Error())
+	}
+	// Parsing stops at the first argument that is not a flag, so
+	// "-send-proxy false" would set the flag, and "false" and every flag
+	// after it would be dropped unread.
+	if fs.NArg() > 0 {
+		return nil, usageError(fmt.Sprintf("route put: unexpected argument %q (flags only; bool flags are -send-proxy or -send-proxy=false)", fs.Arg(0)))
 	}
 	if r.Listener == "" || r.Sni == "" || r.Backend == "" {
 		return nil, usageError("route put needs -listener, -sni and -backend")

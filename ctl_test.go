@@ -125,6 +125,13 @@ func TestCtl(t *testing.T) {
 		contains(t, stderr, "portcullis ctl: InvalidArgument: ")
 		_, stderr = ctl(t, 2, "route", "put", "-listener", "public")
 		contains(t, stderr, "needs -listener, -sni and -backend")
+		// A bool flag takes no separate value: "-send-proxy false" set it
+		// and dropped "false", and every flag after it went unread. The
+		// command is refused rather than run as something else.
+		_, stderr = ctl(t, 2, "route", "put", "-listener", "public", "-sni", "proxied.test", "-backend", other, "-send-proxy", "false")
+		contains(t, stderr, `unexpected argument "false"`)
+		out, _ = ctl(t, 0, "routes")
+		lacks(t, out, "proxied.test")
 	})
 	t.Run("firewall", func(t *testing.T) {
 		out, _ := ctl(t, 0, "firewall", "add", "192.0.2.7")
@@ -170,6 +177,13 @@ func TestCtl(t *testing.T) {
 		contains(t, stderr, "portcullis ctl: NotFound: ")
 		out, _ = ctl(t, 0, "overrides")
 		lacks(t, out, "max_connections=5")
+		contains(t, out, "198.51.100.0/24")
+
+		// The destructive command runs only as written: an operator
+		// asking for help is not taken to mean "clear everything".
+		_, stderr = ctl(t, 2, "overrides", "clear-all", "-h")
+		contains(t, stderr, "usage: overrides clear")
+		out, _ = ctl(t, 0, "overrides")
 		contains(t, out, "198.51.100.0/24")
 
 		out, _ = ctl(t, 0, "overrides", "clear-all")
