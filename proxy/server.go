@@ -128,6 +128,9 @@ func (s *Server) Current() *Snapshot { return s.current.Load() }
 // started with.
 func (s *Server) Apply(snap *Snapshot) error { return s.ApplyWith(snap, nil) }
 
+// ErrShuttingDown is Apply's error once Shutdown has begun.
+var ErrShuttingDown = errors.New("proxy: server is shutting down")
+
 // ApplyWith is Apply with a commit step between opening the new sockets
 // and swapping the pointer: commit runs only once the server has checked
 // that it is not shutting down and every new socket is open, and the
@@ -139,7 +142,7 @@ func (s *Server) ApplyWith(snap *Snapshot, commit func() error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closing {
-		return errors.New("proxy: server is shutting down")
+		return ErrShuttingDown
 	}
 	var opened []*runningListener
 	for i, lc := range snap.order {
@@ -258,10 +261,13 @@ func (s *Server) Status() []ListenerStatus {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing = true
-	for addr, rl := range s.listeners {
+	// The closed listeners stay in the map: the admin API keeps serving
+	// during the drain, and Status reads their connection counters from
+	// there so operators can watch the drain. Apply refuses from now on,
+	// so nothing opens or replaces one.
+	for _, rl := range s.listeners {
 		rl.ln.Close()
 		<-rl.done
-		delete(s.listeners, addr)
 	}
 	s.mu.Unlock()
 	s.cancelDrain()

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"strings"
 
@@ -38,11 +39,20 @@ type Client struct {
 // does.
 func Dial(target string, o DialOptions) (*Client, error) {
 	var creds credentials.TransportCredentials
+	var opts []grpc.DialOption
 	if path, ok := strings.CutPrefix(target, "unix:"); ok {
 		if path == "" {
 			return nil, errors.New("rpc: empty unix socket path")
 		}
 		creds = insecure.NewCredentials() // the socket's file mode is the access control
+		// grpc reads a "unix:" target as a URL: a '#' or '?' in the path
+		// would cut it short and a '%' be decoded or refused. Dial the
+		// path as given instead; the target is only the authority.
+		target = "passthrough:///localhost"
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}))
 	} else {
 		tc := &tls.Config{ServerName: o.ServerName, MinVersion: tls.VersionTLS12}
 		if o.CAFile != "" {
@@ -64,7 +74,7 @@ func Dial(target string, o DialOptions) (*Client, error) {
 		}
 		creds = credentials.NewTLS(tc)
 	}
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(creds))
+	conn, err := grpc.NewClient(target, append(opts, grpc.WithTransportCredentials(creds))...)
 	if err != nil {
 		return nil, fmt.Errorf("rpc: %w", err)
 	}
@@ -160,6 +170,12 @@ func (c *Client) Reload(ctx context.Context) (*adminpb.ReloadResponse, error) {
 
 // Snapshot streams a consistent copy of the daemon's database into w.
 func (c *Client) Snapshot(ctx context.Context, w io.Writer) (int64, error) {
+	// Returning before the end of the stream (w failed) must end the
+	// call: an abandoned stream lives until ctx does, and the daemon's
+	// call, blocked in flow control, keeps its staging copy of the
+	// database on disk meanwhile.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	stream, err := c.admin.Snapshot(ctx, &adminpb.SnapshotRequest{})
 	if err != nil {
 		return 0, err

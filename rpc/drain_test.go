@@ -9,7 +9,9 @@ import (
 
 	"github.com/portcullis/portcullis/rpc"
 	"github.com/portcullis/portcullis/rpc/adminpb"
+	"github.com/portcullis/portcullis/testnet"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
@@ -33,6 +35,12 @@ func TestMutationDuringDrainChangesNothing(t *testing.T) {
 		t.Fatal("PutRoute during shutdown succeeded, want an error")
 	}
 	t.Logf("PutRoute during shutdown: %v", err)
+	// Unavailable, the code for a server going away (a client may retry
+	// against its successor), not Internal, which says the daemon is
+	// broken.
+	wantCode(t, err, codes.Unavailable)
+	_, err = h.cli.Reload(h.ctx())
+	wantCode(t, err, codes.Unavailable)
 	if got := overrideSet(h.dbOverrides()); !slices.Equal(got, dbBefore) {
 		t.Errorf("the failed PutRoute changed the database: %v, was %v", got, dbBefore)
 	}
@@ -87,5 +95,39 @@ func TestStopCutsStalledSnapshot(t *testing.T) {
 			}
 			break
 		}
+	}
+}
+
+// TestStatusDuringDrain: serve.go keeps the admin API up while
+// connections drain "so operators can watch the drain". GetStatus must
+// then still list the listeners with the connections they have left.
+func TestStatusDuringDrain(t *testing.T) {
+	h := newHarness(t, fileConfig{})
+	c, line, err := h.holdConn("public", "app.test")
+	if err != nil || line != "app" {
+		t.Fatalf("held connection: %q, %v", line, err)
+	}
+	defer c.Close()
+	addr := h.addr("public")
+
+	// SIGTERM: the proxy stops accepting and waits for c.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	drained := make(chan error, 1)
+	go func() { drained <- h.px.Shutdown(ctx) }()
+	// A reload is refused once the shutdown has begun. (A probe
+	// connection would be one more to drain.)
+	testnet.WaitFor(t, "the shutdown to begin", func() bool {
+		_, err := h.cli.Reload(h.ctx())
+		return err != nil
+	})
+
+	st := h.status("public")
+	if st.ActiveConnections != 1 || st.Address != addr {
+		t.Errorf("during the drain: public active %d, address %s; want 1, %s", st.ActiveConnections, st.Address, addr)
+	}
+	c.Close()
+	if err := <-drained; err != nil {
+		t.Fatal(err)
 	}
 }

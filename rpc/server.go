@@ -146,6 +146,9 @@ func (s *Server) DeleteRoute(ctx context.Context, req *adminpb.DeleteRouteReques
 		return nil, err
 	}
 	sni := config.NormalizeSNI(req.Sni)
+	if sni == "" {
+		return nil, invalid("sni", errors.New("required"))
+	}
 	eff := s.o.Manager.Effective()
 	origin, ok := eff.RouteOrigins[reload.RouteKey{Listener: req.Listener, SNI: sni}]
 	if !ok {
@@ -300,6 +303,12 @@ func (s *Server) ClearOverride(ctx context.Context, req *adminpb.ClearOverrideRe
 	switch req.Kind {
 	case "route":
 		sni := config.NormalizeSNI(req.Sni)
+		if req.Listener == "" {
+			return nil, invalid("listener", errors.New("required"))
+		}
+		if sni == "" {
+			return nil, invalid("sni", errors.New("required"))
+		}
 		change = func(o *state.Overrides) error {
 			if !o.RemoveRoute(req.Listener, sni) {
 				return status.Errorf(codes.NotFound, "no route override for listener %q sni %q", req.Listener, sni)
@@ -321,6 +330,9 @@ func (s *Server) ClearOverride(ctx context.Context, req *adminpb.ClearOverrideRe
 		}
 		write = func(ctx context.Context, st *state.Store) error { return st.ClearFirewall(ctx, v) }
 	case "listener":
+		if req.Listener == "" {
+			return nil, invalid("listener", errors.New("required"))
+		}
 		change = func(o *state.Overrides) error {
 			if !o.RemoveListener(req.Listener) {
 				return status.Errorf(codes.NotFound, "no listener override for %q", req.Listener)
@@ -353,6 +365,9 @@ func (s *Server) ClearAllOverrides(ctx context.Context, _ *adminpb.ClearAllOverr
 func (s *Server) Reload(ctx context.Context, _ *adminpb.ReloadRequest) (*adminpb.ReloadResponse, error) {
 	err := s.o.Manager.Reload("admin")
 	st := s.o.Manager.Status()
+	if errors.Is(err, proxy.ErrShuttingDown) {
+		return nil, status.Errorf(codes.Unavailable, "reload: %v", err)
+	}
 	if err != nil {
 		return nil, status.Errorf(codes.FailedPrecondition, "reload failed, previous configuration still serving: %v", err)
 	}
@@ -407,11 +422,15 @@ func (s *Server) requireListener(name string) error {
 
 // mutationError maps a failed Mutate to a gRPC status: a change the
 // effective config rejects is FailedPrecondition (with the key at
-// fault), a gRPC status from the change itself passes through, and
-// anything else (the database write) is Internal.
+// fault), a gRPC status from the change itself passes through, a daemon
+// that is shutting down is Unavailable, and anything else (the database
+// write) is Internal.
 func (s *Server) mutationError(what string, err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
+	}
+	if errors.Is(err, proxy.ErrShuttingDown) {
+		return status.Errorf(codes.Unavailable, "%s: %v (nothing changed)", what, err)
 	}
 	if errors.Is(err, reload.ErrRejected) {
 		st := status.New(codes.FailedPrecondition, what+": "+err.Error())

@@ -3,6 +3,7 @@ package rpc_test
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,6 +18,7 @@ import (
 	"testing"
 
 	_ "github.com/mattn/go-sqlite3"
+	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -769,6 +771,11 @@ func TestErrorCodes(t *testing.T) {
 		{"huge max_connections", func() error { return h.cli.SetMaxConnections(ctx, "public", 1<<40) }, codes.InvalidArgument, "max_connections"},
 		{"unknown kind", func() error { return h.cli.ClearOverride(ctx, "everything", "public", "", "") }, codes.InvalidArgument, "kind"},
 		{"clear firewall bad value", func() error { return h.cli.ClearOverride(ctx, "firewall", "", "", "x") }, codes.InvalidArgument, "value"},
+		// A missing key is a bad value, not a key that names nothing.
+		{"delete route no sni", func() error { return h.cli.DeleteRoute(ctx, "public", "") }, codes.InvalidArgument, "sni"},
+		{"clear route override no listener", func() error { return h.cli.ClearOverride(ctx, "route", "", "new.test", "") }, codes.InvalidArgument, "listener"},
+		{"clear route override no sni", func() error { return h.cli.ClearOverride(ctx, "route", "public", "", "") }, codes.InvalidArgument, "sni"},
+		{"clear listener override no listener", func() error { return h.cli.ClearOverride(ctx, "listener", "", "", "") }, codes.InvalidArgument, "listener"},
 
 		// Valid on its own, but the effective config cannot compile it:
 		// the certificate file does not exist.
@@ -1200,4 +1207,34 @@ func TestConcurrentDeletes(t *testing.T) {
 		}
 	}
 	h.wantRefused("public", "gone0.test")
+}
+
+// failingWriter is a full disk: every write fails.
+type failingWriter struct{ err error }
+
+func (w failingWriter) Write([]byte) (int, error) { return 0, w.err }
+
+// TestSnapshotWriteErrorEndsTheCall: when the caller's writer fails (a
+// full disk), Client.Snapshot returns that error and the call ends on
+// both sides, though the caller's context lives on (a backup job that
+// keeps its client and retries). Left open, the stream kept a goroutine
+// in the client and the daemon's call blocked in flow control, its
+// full-size staging copy of the database on the daemon's disk, until the
+// client closed its connection.
+func TestSnapshotWriteErrorEndsTheCall(t *testing.T) {
+	h := newHarness(t, fileConfig{})
+	h.fillRoutes(4000) // several chunks, more than a flow-control window
+	h.status("public") // the client's connection is up before the baseline
+	before := goleak.IgnoreCurrent()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	full := errors.New("no space left on device")
+	if _, err := h.cli.Snapshot(ctx, failingWriter{full}); !errors.Is(err, full) {
+		t.Fatalf("Snapshot into a failing writer: %v, want %v", err, full)
+	}
+	goleak.VerifyNone(t, before)
+	if m, _ := filepath.Glob(filepath.Join(h.dir, ".portcullis-backup-*")); len(m) != 0 {
+		t.Errorf("backup staging files left: %v", m)
+	}
 }
