@@ -515,3 +515,65 @@ listen = "127.0.0.1:0"
 		t.Fatalf("B rejected %v headers from A", n)
 	}
 }
+
+// TestProxyProtocolLinkLocalSender: a load balancer that reaches the
+// proxy over IPv6 link-local addressing is reported by the kernel with
+// its interface as zone (fe80::1%eth0). The zone says which link the
+// address is on, not which address it is, so proxy_protocol_trusted =
+// ["fe80::/10"] must still cover it.
+func TestProxyProtocolLinkLocalSender(t *testing.T) {
+	ll := linkLocalAddr(t)
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "pp.test"})
+	backend := sniffBackend(t, hello)
+	h := startProxy(t, fmt.Sprintf(`
+[[listener]]
+name = "pp"
+listen = %q
+proxy_protocol = true
+proxy_protocol_trusted = ["fe80::/10"]
+`, netip.AddrPortFrom(ll, 0).String())+routeTOML("pp.test", backend, "  send_proxy_protocol = true"))
+
+	// Addr reports the bound address without its zone; dial with it.
+	addr := netip.AddrPortFrom(ll, h.srv.Addr("pp").Port()).String()
+	got, client := askSniff(t, "", addr, []byte("PROXY TCP4 203.0.113.9 192.0.2.1 4242 443\r\n"), hello)
+	if client.Addr().Zone() == "" {
+		t.Fatalf("dialled from %s, want a zoned link-local address", client)
+	}
+	if got.Kind != "proxy" || got.Src != ppSrc4 || got.Problem != "" {
+		t.Fatalf("backend saw %+v, want the header's source %s (rejected as bad_proxy_header: %v)", got, ppSrc4, h.rejected("pp", "bad_proxy_header"))
+	}
+}
+
+// linkLocalAddr returns a link-local IPv6 address of this host, zoned
+// with its interface, that can be listened on and dialled; it skips the
+// test where there is none.
+func linkLocalAddr(t *testing.T) netip.Addr {
+	t.Helper()
+	ifs, err := net.Interfaces()
+	if err != nil {
+		t.Skip("no interfaces:", err)
+	}
+	for _, ifi := range ifs {
+		if ifi.Flags&net.FlagUp == 0 {
+			continue
+		}
+		addrs, _ := ifi.Addrs()
+		for _, a := range addrs {
+			n, ok := a.(*net.IPNet)
+			if !ok {
+				continue
+			}
+			ip, ok := netip.AddrFromSlice(n.IP)
+			if !ok || !ip.Is6() || !ip.IsLinkLocalUnicast() {
+				continue
+			}
+			ip = ip.WithZone(ifi.Name)
+			if ln, err := net.Listen("tcp", netip.AddrPortFrom(ip, 0).String()); err == nil {
+				ln.Close()
+				return ip
+			}
+		}
+	}
+	t.Skip("no usable link-local IPv6 address")
+	return netip.Addr{}
+}

@@ -279,7 +279,12 @@ func parsePrefixes(ss []string) ([]netip.Prefix, error) {
 	return ps, nil
 }
 
+// containsAddr reports whether a is in one of ps. A peer on a link-local
+// address comes with its interface as zone (fe80::1%eth0), which
+// netip.Prefix.Contains never matches; the zone names the link, not the
+// address, so it is dropped.
 func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
+	a = a.WithZone("")
 	for _, p := range ps {
 		if p.Contains(a) {
 			return true
