@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -290,4 +291,37 @@ func (c *countingConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
 	c.received.Add(int64(n))
 	return n, err
+}
+
+// TestRouteLeavingL7LeavesNoL7Series: a route switched from mode = "l7"
+// to "l4" no longer serves HTTP, so its portcullis_l7_* series go, and
+// once the route is removed nothing labelled with it is left exported.
+// The route's own series (connections, bytes) stay while it exists.
+func TestRouteLeavingL7LeavesNoL7Series(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "web.test")
+	web := h2cBackend(t, "WEB")
+	head := "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n" + routeTOML("keep.test", web)
+	h := startProxy(t, head+webRouteTOML(web, leaf.CertFile, leaf.KeyFile))
+	l7Series := func() []string {
+		var out []string
+		for _, s := range h.seriesLabelled("web.test") {
+			if strings.HasPrefix(s, "portcullis_l7_") {
+				out = append(out, s)
+			}
+		}
+		return out
+	}
+	if len(l7Series()) == 0 {
+		t.Fatal("no portcullis_l7_* series for the L7 route")
+	}
+
+	h.apply(head + routeTOML("web.test", web)) // now L4
+	if left := l7Series(); len(left) > 0 {
+		t.Fatalf("route is L4 now, but %d L7 series are still exported:\n%s", len(left), strings.Join(left, "\n"))
+	}
+	h.apply(head) // and gone
+	if left := h.seriesLabelled("web.test"); len(left) > 0 {
+		t.Fatalf("route removed, but %d series are still exported:\n%s", len(left), strings.Join(left, "\n"))
+	}
 }

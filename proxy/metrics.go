@@ -111,14 +111,15 @@ func (m *metrics) forRoute(listener, sni string) routeMetrics {
 }
 
 // forget drops the series of routes and listeners that prev had and next
-// (nil: none) does not, so configuration churn does not grow the
+// (nil: none) does not, and the L7 series of routes next keeps but no
+// longer serves at L7, so configuration churn does not grow the
 // exported series without bound. Connections still running on a removed
 // route keep counting into series that are no longer exported. It also
 // runs for a snapshot compiled and then thrown away (prev) against the
 // one serving (next).
 func (m *metrics) forget(prev, next *Snapshot, l7m interface{ DeleteRoute(listener, route string) }) {
 	type key struct{ listener, sni string }
-	keep := map[key]bool{}
+	keep := map[key]*route{}
 	names := map[string]bool{}
 	if next == nil {
 		next = &Snapshot{}
@@ -126,21 +127,25 @@ func (m *metrics) forget(prev, next *Snapshot, l7m interface{ DeleteRoute(listen
 	for _, lc := range next.order {
 		names[lc.name] = true
 		for _, r := range lc.routes.all {
-			keep[key{lc.name, r.sni}] = true
+			keep[key{lc.name, r.sni}] = r
 		}
 	}
 	for _, lc := range prev.order {
 		for _, r := range lc.routes.all {
-			if keep[key{lc.name, r.sni}] {
+			kept := keep[key{lc.name, r.sni}]
+			// A route that stays but is no longer L7 keeps its own
+			// series; its L7 ones go now, as nothing would delete them
+			// later.
+			if r.l7 != nil && (kept == nil || kept.l7 == nil) {
+				l7m.DeleteRoute(lc.name, r.sni)
+			}
+			if kept != nil {
 				continue
 			}
 			labels := prometheus.Labels{"listener": lc.name, "route": r.sni}
 			m.routeConns.DeletePartialMatch(labels)
 			m.routeBytes.DeletePartialMatch(labels)
 			m.dial.DeletePartialMatch(labels)
-			if r.l7 != nil {
-				l7m.DeleteRoute(lc.name, r.sni)
-			}
 		}
 		if !names[lc.name] {
 			labels := prometheus.Labels{"listener": lc.name}
