@@ -33,8 +33,8 @@ func (s *logSink) Write(p []byte) (int, error) {
 	return s.buf.Write(p)
 }
 
-// accessLines returns the "connection" lines logged so far.
-func (s *logSink) accessLines() []map[string]any {
+// lines returns every line logged so far.
+func (s *logSink) lines() []map[string]any {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []map[string]any
@@ -43,7 +43,18 @@ func (s *logSink) accessLines() []map[string]any {
 			continue
 		}
 		var m map[string]any
-		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == "connection" {
+		if json.Unmarshal([]byte(l), &m) == nil {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// accessLines returns the "connection" lines logged so far.
+func (s *logSink) accessLines() []map[string]any {
+	var out []map[string]any
+	for _, m := range s.lines() {
+		if m["msg"] == "connection" {
 			out = append(out, m)
 		}
 	}

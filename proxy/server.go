@@ -308,7 +308,13 @@ func (s *Server) serveListener(rl *runningListener) {
 			// Out of file descriptors and the like: back off instead
 			// of spinning, as net/http does.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.rejectLog.log(s.log, slog.LevelError, "accept", "accept failed", "listener", rl.addr, "err", err)
+			// "listener" is the name on every other line; the error
+			// carries the address.
+			name := rl.addr
+			if lc := s.current.Load().listeners[rl.addr]; lc != nil {
+				name = lc.name
+			}
+			s.rejectLog.log(s.log, slog.LevelError, "accept", "accept failed", "listener", name, "err", err)
 			time.Sleep(backoff)
 			continue
 		}

@@ -17,6 +17,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
+
+	"github.com/portcullis/portcullis/testnet"
 )
 
 // TestSplicerMovesStreamIntact drives the splicer chunk by chunk from
@@ -337,4 +339,38 @@ func notSentLowat(t *testing.T, c *net.TCPConn) int {
 func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
+}
+
+// TestAcceptFailureNamesListener: when Accept fails (here: out of
+// descriptors), the error line names the listener by its name, as every
+// other line does, so an operator filtering by listener sees it.
+func TestAcceptFailureNamesListener(t *testing.T) {
+	h, sink := startLoggedProxy(t, "[[listener]]\nname = \"public\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("x.test", "127.0.0.1:1"))
+	ap := h.srv.Addr("public")
+	// The client's socket is made before the descriptors run out; only
+	// the proxy's accept needs a new one.
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	exhaustDescriptors(t)
+	if err := syscall.Connect(fd, &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}); err != nil {
+		t.Fatal(err)
+	}
+	var listeners []any
+	testnet.WaitFor(t, "accept failure logged", func() bool {
+		listeners = nil
+		for _, l := range sink.lines() {
+			if l["msg"] == "accept failed" {
+				listeners = append(listeners, l["listener"])
+			}
+		}
+		return len(listeners) > 0
+	})
+	for _, l := range listeners {
+		if l != "public" {
+			t.Fatalf("accept failure logged with listener %q, want the name %q", l, "public")
+		}
+	}
 }
