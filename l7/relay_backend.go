@@ -224,10 +224,17 @@ func (r *relay) backendSettings(f *http2.SettingsFrame) error {
 // backendGoAway passes the backend's GOAWAY on: the client learns which
 // of its streams the backend will never process and opens a new
 // connection (and so a new backend connection) for them.
+//
+// The last stream the client is told is never above the last one the
+// relay has forwarded. A graceful shutdown may start with a GOAWAY naming
+// the highest stream ID (grpc-go, Envoy), promising to serve streams
+// still on their way, but the relay ends the connection as soon as its
+// streams are done, without waiting for the backend's second GOAWAY;
+// streams the client sent meanwhile are refused, and it retries them.
 func (r *relay) backendGoAway(f *http2.GoAwayFrame) {
 	r.mu.Lock()
 	r.goingAway = true
-	r.refuseAbove = min(r.refuseAbove, f.LastStreamID)
+	r.refuseAbove = min(r.refuseAbove, f.LastStreamID, r.lastStream)
 	last := r.refuseAbove
 	for id, st := range r.streams {
 		if id > f.LastStreamID {

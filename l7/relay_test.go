@@ -1283,6 +1283,45 @@ func TestRelayBackendGoAway(t *testing.T) {
 	}
 }
 
+// 5b. A backend's graceful shutdown may begin with a GOAWAY naming the
+// highest stream ID there is (grpc-go's GracefulStop and
+// MaxConnectionAge, Envoy's drain): "streams on their way will still be
+// served", the real last stream following in a second GOAWAY. The relay
+// closes the connection as soon as no stream is left, before that second
+// one, so it must tell the client itself which streams reached the
+// backend: a request the client sent meanwhile is then retried on a new
+// connection instead of failing as one the backend may have processed.
+func TestRelayBackendGoAwayNotice(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	addr := startRawBackend(t, nil, nil, func(p *h2Peer) {
+		p.serveRequests(func(id uint32, s *h2Stream) {
+			p.writeHeaders(id, false, fields(":status", "200"))
+			p.sendData(id, []byte("ok"), 100, nil, true)
+			if id == 1 {
+				p.write(func() error { return p.fr.WriteGoAway(1<<31-1, http2.ErrCodeNo, nil) })
+			}
+		})
+	})
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c"})
+
+	p.get(1, "/")
+	if s := p.response(1); s.status() != "200" {
+		t.Fatalf("stream 1: %s; frames: %s", s.status(), p.history())
+	}
+	p.until("the backend's GOAWAY", func() bool { return p.goAway != nil })
+	p.get(3, "/")
+	p.until("the connection to close", func() bool { return p.readErr != nil })
+
+	if p.goAway.last != 1 {
+		t.Errorf("last GOAWAY %+v before the close, want last stream 1 (the backend got no other); frames: %s", *p.goAway, p.history())
+	}
+	if s := p.stream(3); s.status() != "200" && !(s.rst != nil && *s.rst == http2.ErrCodeRefusedStream) && p.goAway.last >= 3 {
+		t.Errorf("stream 3 was neither answered nor refused, and the last GOAWAY (last stream %d) says the backend may have processed it; frames: %s",
+			p.goAway.last, p.history())
+	}
+}
+
 // 6. The backend connection dies with a request waiting for its response:
 // 502, then GOAWAY, then the client connection is closed.
 func TestRelayBackendConnectionDies(t *testing.T) {
@@ -2541,5 +2580,10 @@ func TestRelayHeadAnswerHasNoBody(t *testing.T) {
 	}
 	if s3.status() != "504" || s3.flow != 0 {
 		t.Fatalf("HEAD: %s with %d bytes of DATA (%q), want 504 without DATA; frames: %s", s3.status(), s3.flow, s3.body.String(), p.history())
+	}
+	// A Content-Length in a response to HEAD must be the GET's (RFC 9110,
+	// 8.6), as net/http sends it on the general path.
+	if get, head := fieldValue(s1.header, "content-length"), fieldValue(s3.header, "content-length"); head != get {
+		t.Errorf("HEAD: content-length %q, want the GET's %q", head, get)
 	}
 }
