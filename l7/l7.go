@@ -51,6 +51,8 @@
 // appended to the incoming X-Forwarded-For chain ("a, b, client"), and the
 // incoming X-Real-IP and Forwarded headers are passed on unchanged, since
 // they already name the original client; X-Real-IP is set only if absent.
+// Either way, these names spelled with underscores (X_Forwarded_For), which
+// CGI-style backends read as the same variable, are dropped.
 //
 // # Errors
 //
@@ -62,7 +64,11 @@
 // so is an upgraded connection silent both ways that long. HTTP/1.1
 // Upgrade requests (WebSocket) pass through to http1 and https1 backends;
 // HTTP/2 cannot carry them, so for h2c and h2 backends they get 502
-// without the backend being asked. CONNECT is not proxied (405).
+// without the backend being asked. CONNECT is not proxied (405). An
+// HTTP/2 request for a host that would have been routed elsewhere (a
+// client reusing its connection for another name of the certificate)
+// gets 421 Misdirected Request, so that it retries on a connection of
+// its own (see ConnInfo.RoutedHere).
 package l7
 
 import (

@@ -126,6 +126,42 @@ func TestForwardingHeaders(t *testing.T) {
 	}
 }
 
+// TestForwardingHeadersUnderscoreSpoof: servers that hand headers to
+// applications as CGI-style variables (Rack/Puma before 6.4.1, WSGI
+// servers, PHP) map "-" and "_" alike, so X_Forwarded_For from the client
+// becomes the same HTTP_X_FORWARDED_FOR as the proxy's X-Forwarded-For and
+// may win over it (Puma's CVE-2024-45614). The client's underscore
+// spellings of the forwarding headers must not reach the backend, on the
+// relay (HTTP/2 client) and on the net/http path (HTTP/1.1 client) alike.
+func TestForwardingHeadersUnderscoreSpoof(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beH2C, false, echo)
+	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+	for _, h2 := range []bool{true, false} {
+		for _, trust := range []bool{false, true} {
+			t.Run(fmt.Sprintf("h2=%v trusted=%v", h2, trust), func(t *testing.T) {
+				addr := startProxy(t, h, trust).addr
+				c, _ := newClient(t, pki, addr, h2, "")
+				req := mustRequest(t, "GET", url+"/", nil)
+				for _, k := range []string{"X_Forwarded_For", "X_Real_IP", "X-Forwarded_Host", "x_forwarded_proto"} {
+					req.Header[k] = []string{"203.0.113.9"}
+				}
+				rep := getEcho(t, c, req)
+				ours := map[string]bool{"x-forwarded-for": true, "x-real-ip": true, "x-forwarded-host": true, "x-forwarded-proto": true}
+				for k, v := range rep.Header {
+					if strings.Contains(k, "_") && ours[strings.ReplaceAll(strings.ToLower(k), "_", "-")] {
+						t.Errorf("backend got %s: %q from the client", k, v)
+					}
+				}
+				if got := rep.Header.Get("X-Forwarded-For"); got != "127.0.0.1" {
+					t.Errorf("X-Forwarded-For = %q, want 127.0.0.1", got)
+				}
+			})
+		}
+	}
+}
+
 func TestH2Backend(t *testing.T) {
 	checkLeaks(t)
 	pki := newTestPKI(t)

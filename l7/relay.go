@@ -37,7 +37,7 @@ import (
 //     ACK still answers the frame its sender expects.
 //   - Header blocks are decoded and re-encoded (each hop has its own HPACK
 //     state): the request gets the forwarding headers, and the relay can
-//     answer a stream itself (504, 431, 405) without upsetting the
+//     answer a stream itself (504, 431, 421, 405) without upsetting the
 //     client's decoder.
 //   - A PROXY v2 header naming the client starts the backend connection
 //     when the route asks for one; no other client ever uses it.
@@ -277,15 +277,20 @@ func (r *relay) answer(id uint32, code int, reqDone, head bool) {
 	n := int64(len(body))
 	c := r.client
 	c.write(func() error {
+		// A HEAD response's length is the GET's (RFC 9110, 8.6).
+		length := len(body)
 		withBody := !head && r.clientWindow.Load() >= n && r.clientStreamWindow.Load() >= n
 		if !withBody {
 			body = ""
+			if !head {
+				length = 0
+			}
 		}
 		fields := []hpack.HeaderField{
 			{Name: ":status", Value: strconv.Itoa(code)},
 			{Name: "content-type", Value: "text/plain; charset=utf-8"},
 			{Name: "x-content-type-options", Value: "nosniff"},
-			{Name: "content-length", Value: strconv.Itoa(len(body))},
+			{Name: "content-length", Value: strconv.Itoa(length)},
 		}
 		if err := c.writeHeaders(id, fields, body == "", http2.PriorityParam{}); err != nil {
 			return err

@@ -68,8 +68,15 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 			if !trusted {
 				continue
 			}
+		default:
+			if spellsForwarding(hf.Name) {
+				continue
+			}
 		}
 		out = append(out, hf)
+	}
+	if r.ci.misdirected(host) {
+		return nil, http.StatusMisdirectedRequest, http2.ErrCodeNo
 	}
 	if r.clientIP != "" && !hasRealIP {
 		out = append(out, hpack.HeaderField{Name: "x-real-ip", Value: r.clientIP})
@@ -117,6 +124,7 @@ func init() {
 	for _, code := range []int{
 		http.StatusBadGateway, http.StatusGatewayTimeout,
 		http.StatusMethodNotAllowed, http.StatusRequestHeaderFieldsTooLarge,
+		http.StatusMisdirectedRequest,
 	} {
 		statusBodies[code] = strings.ToLower(http.StatusText(code)) + "\n"
 	}

@@ -29,6 +29,39 @@ type ConnInfo struct {
 	// ends ServeConn at once even if the relay is blocked writing to a
 	// backend that stopped reading. Nil: never.
 	Cut context.Context
+	// RoutedHere reports whether a connection whose SNI were host would
+	// have been routed where this one was. An HTTP/2 request for a host
+	// that would not gets 421 (see misdirected). Nil: every host would.
+	RoutedHere func(host string) bool
+}
+
+// misdirected reports whether an HTTP/2 request for authority (a host,
+// with or without a port) came on a connection routed for another host.
+// Clients reuse an HTTP/2 connection for every host its certificate
+// covers that resolves to the same address (RFC 9113, 9.1.1), while the
+// proxy routes a connection once, by its SNI: without this, one
+// wildcard certificate on several routes sends requests to the backend
+// of whichever host the connection was opened for. 421 Misdirected
+// Request makes the client retry on a connection of its own (RFC 9110,
+// 15.5.20). A request for an address never is: no SNI can name one.
+func (ci *ConnInfo) misdirected(authority string) bool {
+	if ci.RoutedHere == nil || authority == "" {
+		return false
+	}
+	host := authority
+	if strings.IndexByte(host, ':') >= 0 {
+		if h, _, err := net.SplitHostPort(authority); err == nil {
+			host = h
+		}
+	}
+	host = strings.TrimSuffix(host, ".")
+	if strings.EqualFold(host, strings.TrimSuffix(ci.SNI, ".")) {
+		return false
+	}
+	if _, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil {
+		return false
+	}
+	return !ci.RoutedHere(host)
 }
 
 // ServeConn terminates TLS on conn, replaying hello (the ClientHello bytes
@@ -222,6 +255,11 @@ func (c *clientConn) rewrite(pr *httputil.ProxyRequest) {
 	// pr.Out.Host stays the client's Host: backends route on it.
 
 	hdr := pr.Out.Header
+	for k := range hdr {
+		if spellsForwarding(k) {
+			delete(hdr, k)
+		}
+	}
 	var xff []string
 	if c.ci.TrustForwarded {
 		xff = pr.In.Header.Values("X-Forwarded-For")
@@ -260,6 +298,26 @@ func (c *clientConn) rewrite(pr *httputil.ProxyRequest) {
 	}
 }
 
+// spellsForwarding reports whether name is one of the forwarding headers
+// the proxy sets spelled with underscores for dashes (X_Forwarded_For).
+// Servers that hand headers to applications as CGI-style variables
+// (Rack, WSGI, PHP) map both spellings to one HTTP_X_FORWARDED_FOR, and
+// the client's may win over the proxy's (Puma's CVE-2024-45614), so
+// these never pass, whoever sent them; nginx drops every header with an
+// underscore by default for the same reason.
+func spellsForwarding(name string) bool {
+	if strings.IndexByte(name, '_') < 0 || len(name) > len("x-forwarded-proto") {
+		return false
+	}
+	name = strings.ReplaceAll(name, "_", "-")
+	for _, f := range [...]string{"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"} {
+		if strings.EqualFold(name, f) {
+			return true
+		}
+	}
+	return false
+}
+
 // trailerBody copies a request's trailers, which arrive with the end of
 // its body, to the outbound request's trailer map.
 type trailerBody struct {
@@ -285,6 +343,7 @@ func (b *trailerBody) Read(p []byte) (int, error) {
 var (
 	errUpgradeOverH2 = errors.New("protocol upgrade requested, but the backend speaks HTTP/2")
 	errConnect       = errors.New("CONNECT is not proxied")
+	errMisdirected   = errors.New("request for a host the connection was not routed for")
 )
 
 func (c *clientConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -307,6 +366,8 @@ func (c *clientConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case r.Method == http.MethodConnect:
 		h.handleError(rec, r, errConnect)
+	case r.ProtoMajor == 2 && c.ci.misdirected(r.Host):
+		h.handleError(rec, r, errMisdirected)
 	case h.h2Backend && httpguts.HeaderValuesContainsToken(r.Header["Connection"], "Upgrade"):
 		h.handleError(rec, r, errUpgradeOverH2)
 	default:
@@ -384,6 +445,8 @@ func (h *Handler) handleError(w http.ResponseWriter, r *http.Request, err error)
 	switch {
 	case errors.Is(err, errConnect):
 		code = http.StatusMethodNotAllowed
+	case errors.Is(err, errMisdirected):
+		code = http.StatusMisdirectedRequest
 	case errors.Is(err, errUpgradeOverH2):
 		// A route misconfiguration rather than a backend failure.
 	case errors.Is(err, errResponseTimeout):

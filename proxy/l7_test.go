@@ -325,3 +325,59 @@ func TestRouteLeavingL7LeavesNoL7Series(t *testing.T) {
 		t.Fatalf("route removed, but %d series are still exported:\n%s", len(left), strings.Join(left, "\n"))
 	}
 }
+
+// TestL7CoalescedRequestMisdirected: browsers reuse an HTTP/2 connection
+// for another host its certificate covers that resolves to the same
+// address (RFC 9113, 9.1.1), so with one wildcard or multi-name
+// certificate on several L7 routes, requests for api.test arrive on a
+// connection that SNI routed to web.test. They must not reach web.test's
+// backend: 421 Misdirected Request sends the client to a connection of
+// its own (RFC 9110, 15.5.20). A host that routes where the connection
+// went is served as usual, on both the relay and the net/http path.
+func TestL7CoalescedRequestMisdirected(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "web.test", "api.test", "old.test", "*.wild.test")
+	l7Route := func(sni, backend, proto string) string {
+		return routeTOML(sni, backend, `  mode = "l7"`, fmt.Sprintf("  tls_cert = %q\n  tls_key = %q\n  backend_protocol = %q", leaf.CertFile, leaf.KeyFile, proto))
+	}
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+
+		l7Route("web.test", h2cBackend(t, "WEB"), "h2c")+
+		l7Route("api.test", h2cBackend(t, "API"), "h2c")+
+		l7Route("old.test", h2cBackend(t, "OLD"), "http1")+
+		l7Route("*.wild.test", h2cBackend(t, "WILD"), "h2c"))
+	addr := h.addr("l")
+
+	for _, tc := range []struct {
+		sni, host string
+		status    int
+		body      string // prefix
+	}{
+		{"web.test", "web.test", 200, "WEB"},
+		{"web.test", "api.test", http.StatusMisdirectedRequest, ""},
+		{"web.test", "API.test.:443", http.StatusMisdirectedRequest, ""},
+		{"old.test", "api.test", http.StatusMisdirectedRequest, ""},
+		{"a.wild.test", "b.wild.test", 200, "WILD"},
+		{"web.test", "127.0.0.1", 200, "WEB"}, // no SNI can name an address
+	} {
+		// One connection, as a browser's coalescing would use it.
+		c, err := tls.Dial("tcp", addr, &tls.Config{ServerName: tc.sni, RootCAs: ca.Pool(), NextProtos: []string{"h2"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cc, err := (&http2.Transport{}).NewClientConn(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req, _ := http.NewRequest("GET", "https://"+tc.host+"/", nil)
+		res, err := cc.RoundTrip(req)
+		if err != nil {
+			t.Fatalf("SNI %s, host %s: %v", tc.sni, tc.host, err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		cc.Close()
+		if res.StatusCode != tc.status || !strings.HasPrefix(string(b), tc.body) {
+			t.Errorf("SNI %s, host %s: %d %q, want %d %q", tc.sni, tc.host, res.StatusCode, b, tc.status, tc.body)
+		}
+	}
+}
