@@ -16,16 +16,17 @@ import (
 
 // Watch reloads the config file whenever it changes, until ctx is done.
 //
-// It watches directories, not the file: editors save by writing a
+// It watches directories, not only the file: editors save by writing a
 // temporary file and renaming it over the original, and Kubernetes
 // updates a ConfigMap volume by swapping the "..data" symlink, and in
-// both cases a watch on the old inode would go quiet forever. Every
+// both cases a watch on the old inode alone would go quiet forever. Every
 // symlink on the way to the file is followed and the directory holding
-// it watched, as are the file's directory and its parent; events for
-// other names (the SQLite database usually lives next to the config)
-// are ignored. A burst of events is coalesced into one reload after
-// Options.Debounce of quiet; a reload whose file parses to the same
-// content as the one serving does nothing.
+// it watched, as are the file's directory and its parent, and the file
+// itself (watched anew whenever it is replaced); events for other names
+// (the SQLite database usually lives next to the config) are ignored.
+// A burst of events is coalesced into one reload after Options.Debounce
+// of quiet; a reload whose file parses to the same content as the one
+// serving does nothing.
 func (m *Manager) Watch(ctx context.Context) error {
 	w, err := fsnotify.NewWatcher()
 	if err != nil {
@@ -64,7 +65,10 @@ func (m *Manager) Watch(ctx context.Context) error {
 			if !ok {
 				return nil
 			}
-			if ev.Op == fsnotify.Chmod || !names[filepath.Clean(ev.Name)] {
+			// Chmod counts too: a file the last reload could not read
+			// may just have been made readable. An unchanged file is
+			// recognised by its hash and costs a parse.
+			if !names[filepath.Clean(ev.Name)] {
 				continue
 			}
 			if timer == nil {
@@ -98,18 +102,22 @@ func (m *Manager) Watch(ctx context.Context) error {
 // watchPaths resolves the config path and makes w watch every directory
 // whose entries decide what the path reads: the one holding each
 // symlink met on the way, the one holding the file, and that one's
-// parent (so a deleted and re-made directory is seen). It returns the
-// set of paths (real directories, as fsnotify names events) whose
-// changes matter. Watches no longer needed are removed. On the initial
-// call a failure to watch the file's own directory is returned; later
-// failures are logged and retried at the next event.
+// parent (so a deleted and re-made directory is seen). The file itself
+// is watched too: a write made through another name of it (a hard link,
+// or the host's path of a file bind-mounted into a container) is
+// reported to watches on the file and on the directory it was opened
+// through, not to the config's directory. It returns the set of paths
+// (real paths, as fsnotify names events) whose changes matter. Watches
+// no longer needed are removed. On the initial call a failure to watch
+// the file's own directory is returned; later failures are logged and
+// retried at the next event.
 func (m *Manager) watchPaths(w *fsnotify.Watcher, initial bool) (map[string]bool, error) {
 	names := map[string]bool{}
-	dirs := map[string]bool{}
+	watch := map[string]bool{}
 	links, final, missing := resolveChain(m.opts.Path)
 	for _, l := range links {
 		names[l] = true
-		dirs[filepath.Dir(l)] = true
+		watch[filepath.Dir(l)] = true
 	}
 	// The file, or the first component that does not exist (yet): watch
 	// for it to change or appear, and for its directory to be replaced.
@@ -119,19 +127,22 @@ func (m *Manager) watchPaths(w *fsnotify.Watcher, initial bool) (map[string]bool
 	}
 	d := filepath.Dir(end)
 	names[end], names[d] = true, true
-	dirs[d], dirs[filepath.Dir(d)] = true, true
+	watch[d], watch[filepath.Dir(d)] = true, true
+	if final != "" {
+		watch[final] = true
+	}
 	var fileDirErr error
-	for d := range dirs {
-		if err := w.Add(d); err != nil {
-			if final != "" && d == filepath.Dir(final) {
+	for p := range watch {
+		if err := w.Add(p); err != nil {
+			if final != "" && p == filepath.Dir(final) {
 				fileDirErr = err
 			}
-			m.log.Debug("watching config directory", "dir", d, "err", err)
+			m.log.Debug("watching config path", "path", p, "err", err)
 		}
 	}
-	for _, d := range w.WatchList() {
-		if !dirs[d] {
-			w.Remove(d)
+	for _, p := range w.WatchList() {
+		if !watch[p] {
+			w.Remove(p)
 		}
 	}
 	if initial && fileDirErr != nil {

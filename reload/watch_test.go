@@ -219,3 +219,65 @@ func TestWatchDirReplacedWhileFileMissing(t *testing.T) {
 	}
 	r.await("l", "B")
 }
+
+// TestWatchInPlaceWriteThroughAnotherName: the config file has another
+// name — a hard link, or the host's path of a file bind-mounted into a
+// container (`docker run -v $PWD/portcullis.toml:/etc/portcullis.toml`)
+// — and is rewritten in place through that name. The kernel reports
+// such a write to watches on the file itself and on the directory it was
+// opened through, not to the config's directory.
+func TestWatchInPlaceWriteThroughAnotherName(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	host, etc := t.TempDir(), t.TempDir()
+	other := filepath.Join(host, "portcullis.toml")
+	if err := os.WriteFile(other, []byte(appConfig(a)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(etc, "portcullis.toml")
+	if err := os.Link(other, path); err != nil {
+		t.Fatal(err)
+	}
+	r := &rig{t: t, dir: etc, path: path}
+	r.start()
+	r.await("l", "A")
+	for _, want := range []string{"B", "A"} {
+		backend := map[string]string{"A": a, "B": b}[want]
+		f, err := os.OpenFile(other, os.O_WRONLY|os.O_TRUNC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteString(appConfig(backend)); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		r.await("l", want)
+	}
+}
+
+// TestWatchFileMadeReadable: a save that leaves the file unreadable to
+// the daemon (`install -m 600` by root, a umask 077 shell) fails to
+// load; the operator's `chmod 644` that follows changes no content, only
+// the mode, and must load the file. (Root reads any file, so as root
+// there is nothing to test.)
+func TestWatchFileMadeReadable(t *testing.T) {
+	if os.Geteuid() == 0 {
+		t.Skip("root reads files whatever their mode")
+	}
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	r := newRig(t, appConfig(a))
+	r.await("l", "A")
+	tmp := filepath.Join(r.dir, "new.toml")
+	if err := os.WriteFile(tmp, []byte(appConfig(b)), 0o200); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, r.path); err != nil {
+		t.Fatal(err)
+	}
+	testnet.WaitFor(t, "the unreadable file to fail", func() bool { return r.count("failure") == 1 })
+	if err := os.Chmod(r.path, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r.await("l", "B")
+}
