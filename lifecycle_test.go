@@ -212,3 +212,33 @@ listen = %q
 		t.Fatalf("exit code %d; want 0 after a clean stop; log:\n%s", code, d.log())
 	}
 }
+
+// TestServeStartupErrorsNameFileLineKey: the settings serve reads only at
+// start fail like every other config error, with file:line: key, so the
+// operator is pointed at the line to fix.
+func TestServeStartupErrorsNameFileLineKey(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	for _, tc := range []struct {
+		name, metrics, database, want string
+	}{
+		{"database in a missing directory", "127.0.0.1:0", "missing/portcullis.db", ":5: state.database: "},
+		{"metrics address taken", busy.Addr().String(), "portcullis.db", ":2: metrics.listen: "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newEnv(t)
+			writeFile(t, env.config, fmt.Sprintf("[metrics]\nlisten = %q\n\n[state]\ndatabase = %q\n\n", tc.metrics, tc.database)+
+				l4Listener("127.0.0.1:0", "app.test", "127.0.0.1:9"))
+			d := env.startNoWait(t)
+			if code := d.wait(t, 20*time.Second); code == 0 {
+				t.Fatalf("daemon exited 0; log:\n%s", d.log())
+			}
+			if countLines(d.log(), "exiting", env.config+tc.want) != 1 {
+				t.Fatalf("the error does not name %s%s; log:\n%s", env.config, tc.want, d.log())
+			}
+		})
+	}
+}

@@ -83,7 +83,7 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 	}
 	store, err := state.Open(cfg.Resolve(cfg.State.Database))
 	if err != nil {
-		return err
+		return cfg.KeyError("state.database", err)
 	}
 	defer store.Close()
 
@@ -111,7 +111,7 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
 		if err != nil {
 			abort()
-			return fmt.Errorf("metrics.listen: %w", err)
+			return cfg.KeyError("metrics.listen", err)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
