@@ -115,6 +115,61 @@ listen = "127.0.0.1:8443"
 			errs: []string{"8: listener[0].route[0].tls_cert"},
 		},
 		{
+			// A key left out has no line of its own: the problem is
+			// pinned to the table that lacks it.
+			name: "required keys missing",
+			content: `[[listener]]
+listen = "127.0.0.1:8443"
+
+  [[listener.route]]
+  sni = "app.test"
+  mode = "l7"
+  tls_cert = "cert.pem"
+  backend = "127.0.0.1:9001"
+
+[firewall]
+rate_limit = { window = "10s" }
+`,
+			code: 1,
+			errs: []string{
+				"11: firewall.rate_limit.connections",
+				"1: listener[0].name",
+				"4: listener[0].route[0].tls_key",
+			},
+		},
+		{
+			// serve binds the listeners, then /metrics, then the admin
+			// API: each of these would stop it with "address already
+			// in use".
+			name: "addresses that cannot all be bound",
+			content: `[metrics]
+listen = "127.0.0.1:8443"
+
+[admin]
+listen = ":8444"
+tls_cert = "` + leaf.CertFile + `"
+tls_key = "` + leaf.KeyFile + `"
+
+[[listener]]
+name = "public"
+listen = "127.0.0.1:8443"
+
+[[listener]]
+name = "all"
+listen = ":8444"
+
+[[listener]]
+name = "local"
+listen = "127.0.0.1:8444"
+`,
+			code: 1,
+			errs: []string{
+				"19: listener[2].listen",
+				"2: metrics.listen",
+				"5: admin.listen",
+			},
+		},
+		{
 			// serve loads these at start and refuses to run without
 			// them; check must not pass them.
 			name: "admin certificate missing",

@@ -190,14 +190,24 @@ func Load(path string) (*Config, error) {
 // validates the result.
 func Parse(path string, data []byte) (*Config, error) {
 	c := &Config{Path: path}
+	// A UTF-8 byte order mark, as Windows editors write it: TOML allows
+	// one at the start, go-toml does not.
+	data = bytes.TrimPrefix(data, []byte("\ufeff"))
 	lines, kinds := indexLines(data)
 	if err := durationTypeErrors(path, lines, kinds); err != nil {
 		return nil, err
 	}
 	dec := toml.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
+	// Unknown keys are skipped and reported once the rest is decoded, so
+	// a misspelt key does not hide the file's other problems.
+	var unknown error
 	if err := dec.Decode(c); err != nil {
-		return nil, decodeError(path, err)
+		var sm *toml.StrictMissingError
+		if !errors.As(err, &sm) {
+			return nil, decodeError(path, err, lines)
+		}
+		unknown = decodeError(path, err, lines)
 	}
 	c.lines = lines
 	for i := range c.Listeners {
@@ -206,7 +216,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		}
 	}
 	c.ApplyDefaults()
-	if err := c.Validate(); err != nil {
+	if err := errors.Join(unknown, c.Validate()); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -345,21 +355,26 @@ func (e *Error) Unwrap() error { return e.Err }
 
 // KeyError pins err to the line of key in the file. Compile steps outside
 // this package (loading certificates, opening the GeoIP database) use it
-// so their errors read like validation errors.
+// so their errors read like validation errors. A key the file leaves out
+// (a required one) is pinned to the table that should hold it.
 func (c *Config) KeyError(key string, err error) error {
-	return &Error{File: c.Path, Line: c.lines.line(key), Key: key, Err: err}
+	line := c.lines.line(key)
+	if i := strings.LastIndexByte(key, '.'); line == 0 && i > 0 {
+		line = c.lines.line(key[:i])
+	}
+	return &Error{File: c.Path, Line: line, Key: key, Err: err}
 }
 
 // Line reports the line key was written on, or 0.
 func (c *Config) Line(key string) int { return c.lines.line(key) }
 
-func decodeError(path string, err error) error {
+func decodeError(path string, err error, lines lineTable) error {
 	var sm *toml.StrictMissingError
 	if errors.As(err, &sm) {
 		errs := make([]error, 0, len(sm.Errors))
 		for _, de := range sm.Errors {
 			line, _ := de.Position()
-			errs = append(errs, &Error{File: path, Line: line, Key: tomlKey(de.Key()), Err: errors.New("unknown key")})
+			errs = append(errs, &Error{File: path, Line: line, Key: unknownKey(de.Key(), line, lines), Err: errors.New("unknown key")})
 		}
 		return errors.Join(errs...)
 	}
@@ -373,3 +388,24 @@ func decodeError(path string, err error) error {
 }
 
 func tomlKey(k toml.Key) string { return strings.Join(k, ".") }
+
+// unknownKey names an unknown key by its full path. go-toml names a key
+// inside an inline table as if it belonged to the enclosing table
+// ("firewall.burst" for rate_limit = { burst = 2 }), so the key written
+// on that line with that name is looked up in the file's own index.
+func unknownKey(k toml.Key, line int, lines lineTable) string {
+	name := tomlKey(k)
+	if len(k) == 0 {
+		return name
+	}
+	var found []string
+	for key, l := range lines {
+		if l == line && (key == k[len(k)-1] || strings.HasSuffix(key, "."+k[len(k)-1])) {
+			found = append(found, stripIndexes(key))
+		}
+	}
+	if len(found) == 1 {
+		return found[0]
+	}
+	return name
+}

@@ -76,6 +76,8 @@ func TestErrorsNameFileLineKey(t *testing.T) {
 	}{
 		{"unknown key", "bogus = 1\n", "p.toml:1: bogus: unknown key"},
 		{"unknown nested key", base + "[[listener.route]]\nsni = \"a\"\nbackend = \"b:1\"\nbakend = \"x\"\n", "p.toml:7: listener.route.bakend: unknown key"},
+		{"unknown key in an inline table", "[firewall]\nrate_limit = { connections = 5, window = \"1s\", burst = 2 }\n", "p.toml:2: firewall.rate_limit.burst: unknown key"},
+		{"unknown key in an inline route", base + "route = [{ sni = \"a.test\", backend = \"b:1\", bakend = \"x\" }]\n", "p.toml:4: listener.route.bakend: unknown key"},
 		{"wrong type", base + "max_connections = \"ten\"\n", "p.toml:4"},
 		{"bad duration", base + "idle_timeout = \"forever\"\n", "p.toml:4"},
 		{"syntax", "[[listener]\n", "p.toml:1"},
@@ -83,10 +85,12 @@ func TestErrorsNameFileLineKey(t *testing.T) {
 		{"duplicate listen", base + "[[listener]]\nname = \"b\"\nlisten = \"127.0.0.1:01\"\n", "p.toml:6: listener[1].listen: duplicate listen address"},
 		{"duplicate sni", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"b:1\"\n[[listener.route]]\nsni = \"X.test.\"\nbackend = \"b:2\"\n", "p.toml:8: listener[0].route[1].sni: duplicate sni \"x.test\" (first at line 5)"},
 		{"bad backend", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"nohost\"\n", "p.toml:6: listener[0].route[0].backend"},
+		{"backend port 0", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"127.0.0.1:0\"\n", "p.toml:6: listener[0].route[0].backend: \"127.0.0.1:0\": port 0"},
 		{"bad sni", base + "[[listener.route]]\nsni = \"a.*.test\"\nbackend = \"b:1\"\n", "p.toml:5: listener[0].route[0].sni"},
 		{"negative max", base + "max_connections = -1\n", "p.toml:4: listener[0].max_connections: must not be negative"},
 		{"negative timeout", base + "idle_timeout = \"-1s\"\n", "p.toml:4: listener[0].idle_timeout: must not be negative"},
 		{"bad cidr", "[firewall]\nblock = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]\n", "p.toml:4: firewall.block[1]"},
+		{"zoned block entry", "[firewall]\nblock = [\"10.0.0.0/8\", \"fe80::1%eth0\"]\n", "p.toml:2: firewall.block[1]: \"fe80::1%eth0\" has a zone"},
 		{"host bits", "[firewall]\nblock = [\"10.0.0.1/8\"]\n", "p.toml:2: firewall.block[0]: \"10.0.0.1/8\" has host bits set (did you mean \"10.0.0.0/8\"?)"},
 		{"countries without geoip", "[firewall]\nblock_countries = [\"KP\"]\n", "p.toml:2: firewall.block_countries: needs [geoip] database"},
 		{"bad country", "[geoip]\ndatabase = \"x.mmdb\"\n[firewall]\nblock_countries = [\"KPX\"]\n", "p.toml:4: firewall.block_countries[0]"},
@@ -94,6 +98,7 @@ func TestErrorsNameFileLineKey(t *testing.T) {
 		{"l7 without cert", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"b:1\"\nmode = \"l7\"\n", "listener[0].route[0].tls_cert: required"},
 		{"l4 with l7 key", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"b:1\"\nbackend_protocol = \"h2\"\n", "p.toml:7: listener[0].route[0].backend_protocol: only applies"},
 		{"proxy protocol without trusted", base + "proxy_protocol = true\n", "listener[0].proxy_protocol_trusted"},
+		{"server name on a plaintext backend", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"b:1\"\nmode = \"l7\"\ntls_cert = \"c\"\ntls_key = \"k\"\nbackend_server_name = \"b.internal\"\n", "p.toml:10: listener[0].route[0].backend_server_name: only applies to TLS backends"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse("p.toml", []byte(tc.toml))
@@ -158,5 +163,51 @@ func TestLoadMissingFile(t *testing.T) {
 	_, err := Load(filepath.Join(t.TempDir(), "nope.toml"))
 	if !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestLoadUTF8BOM: Windows editors (Notepad, PowerShell 5's
+// `Set-Content -Encoding UTF8`) start a UTF-8 file with a byte order
+// mark, which TOML allows (toml-test valid/utf8-bom-01); go-toml rejects
+// it as an invisible "invalid character at start of key". Such a file
+// must load, and errors in it must keep their line numbers.
+func TestLoadUTF8BOM(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "p.toml")
+	if err := os.WriteFile(path, []byte("\ufeff"+good), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listeners[0].Name != "public" || c.ShutdownGrace.D().Seconds() != 10 {
+		t.Fatalf("decoded %+v", c)
+	}
+	if err := os.WriteFile(path, []byte("\ufeff[[listener]]\nname = \"a\"\nlisten = \"nohost\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(path); err == nil || !strings.Contains(err.Error(), path+":3: listener[0].listen: ") {
+		t.Fatalf("error %v, want %s:3: listener[0].listen", err, path)
+	}
+}
+
+// TestUnknownKeyDoesNotHideValidation: a misspelt key is reported
+// together with the file's invalid values, not on its own first (the
+// README: "Validation errors are all printed at once").
+func TestUnknownKeyDoesNotHideValidation(t *testing.T) {
+	doc := "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmax_conections = 10\nmax_connections = -1\n" +
+		"[[listener.route]]\nsni = \"a..test\"\nbackend = \"b:1\"\n"
+	_, err := Parse("p.toml", []byte(doc))
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, want := range []string{
+		"p.toml:4: listener.max_conections: unknown key",
+		"p.toml:5: listener[0].max_connections: must not be negative",
+		"p.toml:7: listener[0].route[0].sni: ",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
 	}
 }

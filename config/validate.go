@@ -25,6 +25,7 @@ func (c *Config) Validate() error {
 	}
 	names := map[string]string{}
 	addrs := map[string]string{}
+	var binds []bind
 	for i := range c.Listeners {
 		key := fmt.Sprintf("listener[%d]", i)
 		l := &c.Listeners[i]
@@ -41,10 +42,42 @@ func (c *Config) Validate() error {
 				v.errf(key+".listen", "duplicate listen address %q (first at %s)", l.Listen, v.where(prev))
 			} else {
 				addrs[a] = key + ".listen"
+				binds = v.bind(binds, bind{key + ".listen", l.Listen, a})
 			}
 		}
 	}
+	// serve binds the metrics and admin sockets after the listeners.
+	for _, b := range []bind{{key: "metrics.listen", text: c.Metrics.Listen}, {key: "admin.listen", text: c.Admin.Listen}} {
+		if a, err := CanonicalHostPort(b.text); err == nil {
+			b.addr = a
+			binds = v.bind(binds, b)
+		}
+	}
 	return errors.Join(v.errs...)
+}
+
+// bind is a socket the file asks for: where, as written, and canonical.
+type bind struct{ key, text, addr string }
+
+// bind reports n if it cannot be bound beside the sockets before it, and
+// returns binds with it added. A wildcard address takes its port on
+// every interface, so ":443" and "127.0.0.1:443" cannot both be bound:
+// the second fails with "address already in use".
+func (v *validator) bind(binds []bind, n bind) []bind {
+	host, port, _ := net.SplitHostPort(n.addr)
+	for _, b := range binds {
+		h, p, _ := net.SplitHostPort(b.addr)
+		if p != port || port == "0" || h != host && h != "" && host != "" {
+			continue
+		}
+		if h == host {
+			v.errf(n.key, "%q is the address of %s (%s)", n.text, b.key, v.where(b.key))
+		} else {
+			v.errf(n.key, "%q overlaps %s %q (%s): a wildcard address takes its port on every interface", n.text, b.key, b.text, v.where(b.key))
+		}
+		break
+	}
+	return append(binds, n)
 }
 
 type validator struct {
@@ -81,6 +114,9 @@ func (v *validator) top() {
 	if (a.TLSCert == "") != (a.TLSKey == "") {
 		v.errf("admin.tls_cert", "tls_cert and tls_key go together")
 	}
+	if p := c.Resolve(a.UnixSocket); len(p) > maxUnixSocketPath {
+		v.errf("admin.unix_socket", "%q is %d bytes long; a Unix socket path can have at most %d", p, len(p), maxUnixSocketPath)
+	}
 	if a.ClientCA != "" && a.Listen == "" {
 		v.errf("admin.client_ca", "client_ca needs admin.listen")
 	}
@@ -91,11 +127,19 @@ func (v *validator) top() {
 	}
 }
 
+// maxUnixSocketPath is the longest path bind(2) takes for a Unix socket
+// on Linux: sun_path is 108 bytes, the terminating NUL included.
+const maxUnixSocketPath = 107
+
 func (v *validator) firewall() {
 	f := v.c.Firewall
 	for i, b := range f.Block {
 		if _, err := ParsePrefix(b); err != nil {
 			v.errf(fmt.Sprintf("firewall.block[%d]", i), "%v", err)
+		} else if strings.Contains(b, "%") {
+			// The firewall refuses zoned entries when it compiles them;
+			// say so here, where the error can name the entry.
+			v.errf(fmt.Sprintf("firewall.block[%d]", i), "%q has a zone; block entries are addresses or CIDRs without one", b)
 		}
 	}
 	for i, cc := range f.BlockCountries {
@@ -206,8 +250,13 @@ func (r *Route) Validate() error {
 	if err := ValidateSNI(r.SNI); err != nil {
 		return &fieldError{field: "sni", err: err}
 	}
-	if _, err := CanonicalHostPort(r.Backend); err != nil {
+	backend, err := CanonicalHostPort(r.Backend)
+	if err != nil {
 		return &fieldError{field: "backend", err: err}
+	}
+	if strings.HasSuffix(backend, ":0") {
+		// A listener may ask for any free port; a connection cannot.
+		return fieldErr("backend", "%q: port 0 cannot be dialled", r.Backend)
 	}
 	switch r.Mode {
 	case ModeL4:
@@ -234,8 +283,11 @@ func (r *Route) Validate() error {
 		}
 		switch r.BackendProtocol {
 		case BackendH2C, BackendHTTP1:
-			if r.BackendCA != "" || r.BackendServerName != "" {
+			if r.BackendCA != "" {
 				return fieldErr("backend_ca", "only applies to TLS backends (h2, https1)")
+			}
+			if r.BackendServerName != "" {
+				return fieldErr("backend_server_name", "only applies to TLS backends (h2, https1)")
 			}
 		case BackendH2, BackendHTTPS1:
 		default:
