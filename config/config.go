@@ -194,7 +194,7 @@ func Parse(path string, data []byte) (*Config, error) {
 	// one at the start, go-toml does not.
 	data = bytes.TrimPrefix(data, []byte("\ufeff"))
 	lines, kinds := indexLines(data)
-	if err := durationTypeErrors(path, lines, kinds); err != nil {
+	if err := durationErrors(path, lines, kinds); err != nil {
 		return nil, err
 	}
 	dec := toml.NewDecoder(bytes.NewReader(data))

@@ -5,6 +5,7 @@ import (
 	"maps"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestDurationMustBeAString: `idle_timeout = 600` is a wrong type (the
@@ -33,6 +34,36 @@ func TestDurationMustBeAString(t *testing.T) {
 				t.Fatalf("error %T is not a *config.Error", err)
 			}
 		})
+	}
+}
+
+// TestDurationZeroRefused: a duration written as zero would decode like
+// a key left out and silently get the default ("0s" grace meaning 30s,
+// "0s" idle timeout ten minutes), so it is an error at its line; any
+// other positive duration is taken as written.
+func TestDurationZeroRefused(t *testing.T) {
+	base := "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n"
+	for _, tc := range []struct{ name, toml, want string }{
+		{"shutdown_grace", "shutdown_grace = \"0s\"\n" + base, "p.toml:1: shutdown_grace: \"0s\": must be more than zero"},
+		{"idle_timeout", base + "idle_timeout = \"0m\"\n", "p.toml:4: listener[0].idle_timeout: \"0m\": must be more than zero"},
+		{"handshake_timeout", base + "handshake_timeout = \"0\"\n", "p.toml:4: listener[0].handshake_timeout: "},
+		{"dial_timeout", base + "dial_timeout = \"0ms\"\n", "p.toml:4: listener[0].dial_timeout: "},
+		{"window", "[firewall]\nrate_limit = { connections = 5, window = \"0s\" }\n" + base, "p.toml:2: firewall.rate_limit.window: "},
+		{"response_timeout", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"b:1\"\nmode = \"l7\"\ntls_cert = \"c\"\ntls_key = \"k\"\nresponse_timeout = \"0h\"\n", "p.toml:10: listener[0].route[0].response_timeout: "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("p.toml", []byte(tc.toml))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v\ndoes not contain %q", err, tc.want)
+			}
+		})
+	}
+	c, err := Parse("p.toml", []byte("shutdown_grace = \"1ms\"\n"+base+"idle_timeout = \"0.5s\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ShutdownGrace.D() != time.Millisecond || c.Listeners[0].IdleTimeout.D() != 500*time.Millisecond {
+		t.Errorf("grace %v, idle %v; want 1ms and 500ms as written", c.ShutdownGrace.D(), c.Listeners[0].IdleTimeout.D())
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/pelletier/go-toml/v2/unstable"
 )
@@ -19,8 +20,14 @@ type lineTable map[string]int
 
 func (t lineTable) line(key string) int { return t[key] }
 
-// kindTable maps the same keys to the kind of TOML value written there.
-type kindTable map[string]unstable.Kind
+// kindTable maps the same keys to the value written there: its TOML
+// kind, and for a string its contents.
+type kindTable map[string]written
+
+type written struct {
+	kind unstable.Kind
+	str  string
+}
 
 func indexLines(data []byte) (lineTable, kindTable) {
 	starts := []int{0}
@@ -93,7 +100,11 @@ func indexLines(data []byte) (lineTable, kindTable) {
 func indexValue(t lineTable, kinds kindTable, key string, v *unstable.Node, line int, lineOf func(uint32) int) {
 	if _, seen := t[key]; !seen {
 		t[key] = line
-		kinds[key] = v.Kind
+		w := written{kind: v.Kind}
+		if v.Kind == unstable.String {
+			w.str = string(v.Data)
+		}
+		kinds[key] = w
 	}
 	switch v.Kind {
 	case unstable.Array:
@@ -158,17 +169,30 @@ var durationKeys = func() map[string]bool {
 	return keys
 }()
 
-// durationTypeErrors reports duration keys written as something other
-// than a string. The decoder would store a bare integer as nanoseconds
-// (Duration is an int64), so `idle_timeout = 600` would mean 600ns.
-func durationTypeErrors(path string, lines lineTable, kinds kindTable) error {
+// durationErrors reports duration keys written as something other than
+// a string, and durations written as zero. The decoder would store a
+// bare integer as nanoseconds (Duration is an int64), so
+// `idle_timeout = 600` would mean 600ns. And a zero is what a key left
+// out decodes to, which gets the default: `shutdown_grace = "0s"` would
+// silently mean 30s and `idle_timeout = "0s"` ten minutes, not "no
+// grace" or "never", so it is refused rather than reinterpreted.
+// Strings that are not durations are left to the decoder, which names
+// them.
+func durationErrors(path string, lines lineTable, kinds kindTable) error {
 	var errs []error
-	for key, kind := range kinds {
-		if kind == unstable.String || !durationKeys[stripIndexes(key)] {
+	for key, w := range kinds {
+		if !durationKeys[stripIndexes(key)] {
 			continue
 		}
-		errs = append(errs, &Error{File: path, Line: lines.line(key), Key: key,
-			Err: fmt.Errorf("must be a duration string such as \"5s\" or \"10m\", not %s", strings.ToLower(kind.String()))})
+		var err error
+		if w.kind != unstable.String {
+			err = fmt.Errorf("must be a duration string such as \"5s\" or \"10m\", not %s", strings.ToLower(w.kind.String()))
+		} else if d, perr := time.ParseDuration(w.str); perr == nil && d == 0 {
+			err = fmt.Errorf("%q: must be more than zero; leave the key out for the default", w.str)
+		}
+		if err != nil {
+			errs = append(errs, &Error{File: path, Line: lines.line(key), Key: key, Err: err})
+		}
 	}
 	sort.Slice(errs, func(i, j int) bool {
 		a, b := errs[i].(*Error), errs[j].(*Error)
