@@ -144,6 +144,10 @@ func TestMetrics(t *testing.T) {
 		`portcullis_route_connections_total{listener="public",route="app.test"} 1`,
 		`portcullis_route_bytes_total{direction="backend_to_client",listener="public",route="app.test"} 4`,
 		`portcullis_config_reloads_total{result="success"} 1`,
+		// At 0 before the first failure: increase() cannot see a series
+		// that appears at 1, so an alert on failures would miss it.
+		`portcullis_config_reloads_total{result="failure"} 0`,
+		`portcullis_config_reloads_total{result="unchanged"} 0`,
 		`portcullis_config_last_reload_successful 1`,
 		`portcullis_backend_dial_duration_seconds_count{listener="public",route="app.test"} 1`,
 		`portcullis_relay_pipe_unavailable_total 0`,

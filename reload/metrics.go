@@ -28,6 +28,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Always 1; the hash label identifies the configuration file now serving.",
 		}, []string{"hash"}),
 	}
+	// Every result is exported from the start, at 0: a series that first
+	// appears at 1 is invisible to increase() and rate(), so an alert on
+	// failed reloads would miss the first failure after every restart.
+	for _, result := range []string{"success", "failure", "unchanged"} {
+		m.reloads.WithLabelValues(result)
+	}
 	reg.MustRegister(m.reloads, m.lastOK, m.lastSuccess, m.info)
 	return m
 }
