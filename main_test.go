@@ -72,6 +72,11 @@ func TestUsageErrors(t *testing.T) {
 		{"unknown command", []string{"frobnicate"}, `unknown command "frobnicate"`},
 		{"bad serve flag", []string{"serve", "-nope"}, "flag provided but not defined"},
 		{"bad log format", []string{"serve", "-log-format", "xml"}, "bad -log-format"},
+		// Flag parsing stops at the first non-flag: the file named here,
+		// and any flag after it, would be ignored without a word.
+		{"serve without -config", []string{"serve", "examples/quickstart.toml"}, `unexpected argument "examples/quickstart.toml"`},
+		{"serve flag after an argument", []string{"serve", "-pprof", "true", "-config", "x.toml"}, `unexpected argument "true"`},
+		{"check without -config", []string{"check", "examples/quickstart.toml"}, `unexpected argument "examples/quickstart.toml"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, stderr := runCmd(tc.args...)

@@ -35,6 +35,14 @@ func serveCmd(args []string, stderr io.Writer) int {
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
+	if fs.NArg() > 0 {
+		// Flags end at the first argument: without this, a file named
+		// without -config, or any flag after a stray word, would be
+		// ignored and the default portcullis.toml used instead.
+		fmt.Fprintf(stderr, "portcullis serve: unexpected argument %q (the file goes after -config)\n", fs.Arg(0))
+		fs.Usage()
+		return 2
+	}
 	log, err := newLogger(stderr, *format, *level)
 	if err != nil {
 		fmt.Fprintln(stderr, "portcullis:", err)

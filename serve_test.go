@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -193,6 +194,40 @@ func TestServeSecondSignalExits(t *testing.T) {
 	if log := d.log(); countLines(log, "second signal") != 1 {
 		t.Errorf("no \"second signal\" line:\n%s", log)
 	}
+}
+
+// TestServeStatusWhileDraining: during the drain the admin API stays up
+// so operators can watch it; `ctl status` must still list the listener
+// with the connection it is waiting for, not an empty table.
+func TestServeStatusWhileDraining(t *testing.T) {
+	backend, gotHello := stuckBackend(t)
+	env := newEnv(t)
+	proxyAddr := freeAddr(t)
+	env.writeConfig(t, "60s", l4Listener(proxyAddr, "app.test", backend))
+	d := env.start(t)
+
+	openProxied(t, proxyAddr, "app.test", gotHello)
+	d.signal(t, syscall.SIGTERM)
+	d.waitLog(t, 1, "shutting down: draining connections")
+	waitRefused(t, proxyAddr)
+	code, out, stderr := runCmd("ctl", "-admin", "unix:"+env.sock, "status")
+	if code != 0 {
+		t.Fatalf("ctl status while draining: exit %d\n%s", code, stderr)
+	}
+	found := false
+	for line := range strings.Lines(out) {
+		if f := strings.Fields(line); len(f) >= 3 && f[0] == "public" {
+			found = true
+			if f[2] != "1" {
+				t.Errorf("ctl status while draining: listener public has ACTIVE %s, want 1:\n%s", f[2], out)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("ctl status while draining does not list listener public:\n%s", out)
+	}
+	d.signal(t, syscall.SIGTERM) // the second signal: exit at once
+	d.wait(t, 15*time.Second)
 }
 
 // TestServeSIGHUPReloads: SIGHUP re-reads the file (routing follows it)
