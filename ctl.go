@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -241,7 +242,14 @@ func snapshotTo(ctx context.Context, c *rpc.Client, p *printer, path string) err
 	if p.json {
 		return json.NewEncoder(p.w).Encode(map[string]any{"result": "snapshot written", "file": path, "bytes": n})
 	}
-	fmt.Fprintf(p.w, "snapshot written to %s (%d bytes); restore by starting with [state] database = %q\n", path, n, path)
+	// The hint names the file absolutely: a relative [state] database is
+	// resolved against the config file's directory, not ctl's, and would
+	// name a file that does not exist, which starts an empty database.
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		abs = path
+	}
+	fmt.Fprintf(p.w, "snapshot written to %s (%d bytes); restore by starting with [state] database = %q\n", path, n, abs)
 	return nil
 }
 

@@ -263,3 +263,43 @@ func TestCtlJSONEveryCommand(t *testing.T) {
 		}
 	}
 }
+
+// TestCtlSnapshotRestoreHint follows what `ctl snapshot` prints: a
+// snapshot taken from another directory than the config's (the README
+// runs ctl from the repository root, the config is in examples/), then
+// the daemon restarted with the printed `[state] database = …` line,
+// must come back with the overrides the snapshot holds. A relative path
+// there is resolved against the config's directory, not ctl's.
+func TestCtlSnapshotRestoreHint(t *testing.T) {
+	app := testnet.NamedBackend(t, "app")
+	env := newEnv(t)
+	body := l4Listener(freeAddr(t), "app.test", app)
+	env.writeConfig(t, "5s", body)
+	d := env.start(t)
+	admin := "unix:" + env.sock
+	if code, _, stderr := runCmd("ctl", "-admin", admin, "firewall", "add", "203.0.113.9"); code != 0 {
+		t.Fatalf("firewall add: exit %d\n%s", code, stderr)
+	}
+	t.Chdir(t.TempDir())
+	code, out, stderr := runCmd("ctl", "-admin", admin, "snapshot", "backup.db")
+	if code != 0 {
+		t.Fatalf("snapshot: exit %d\n%s", code, stderr)
+	}
+	_, hint, ok := strings.Cut(strings.TrimSpace(out), "restore by starting with ")
+	database, ok2 := strings.CutPrefix(hint, "[state] database = ")
+	if !ok || !ok2 {
+		t.Fatalf("no restore hint in %q", out)
+	}
+	d.stop(t)
+
+	writeFile(t, env.config, strings.Replace(env.configText("5s", body),
+		`database = "portcullis.db"`, "database = "+database, 1))
+	env.start(t)
+	code, out, stderr = runCmd("ctl", "-admin", admin, "firewall")
+	if code != 0 {
+		t.Fatalf("firewall: exit %d\n%s", code, stderr)
+	}
+	if !strings.Contains(out, "203.0.113.9") {
+		t.Errorf("restarted with %s, the snapshot's override is gone:\n%s", hint, out)
+	}
+}
