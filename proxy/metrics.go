@@ -59,7 +59,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"listener", "route"}),
 		routeBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "portcullis", Name: "route_bytes_total",
-			Help: "Bytes relayed per route and direction (client_to_backend, backend_to_client); on L7 routes, the bytes read from and written to the client, TLS included.",
+			Help: "Bytes relayed per route and direction (client_to_backend, backend_to_client), added when the connection ends; on L7 routes, the bytes read from and written to the client, TLS included.",
 		}, []string{"listener", "route", "direction"}),
 		dial: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: "portcullis", Name: "backend_dial_duration_seconds",
