@@ -1,6 +1,7 @@
 package l7
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -632,6 +633,42 @@ func TestServeConnDrain(t *testing.T) {
 				t.Fatalf("request on a cut connection: %d %q", r.code, r.body)
 			}
 		})
+	}
+}
+
+// TestServeConnDrainClosesIdleHTTP1: draining closes an HTTP/1.1
+// keep-alive connection waiting between requests at once, not at its
+// idle timeout; the drain turns keep-alives off rather than calling
+// Shutdown, which would drop a first request read after it began.
+func TestServeConnDrainClosesIdleHTTP1(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beH2C, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok")
+	}))
+	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+	p := startProxy(t, h, false)
+
+	tc, err := tls.Dial("tcp", p.addr, &tls.Config{RootCAs: pki.pool, ServerName: frontName, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tc.Close()
+	tc.SetDeadline(time.Now().Add(30 * time.Second))
+	br := bufio.NewReader(tc)
+	io.WriteString(tc, "GET / HTTP/1.1\r\nHost: "+frontName+"\r\n\r\n")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := io.ReadAll(resp.Body); resp.StatusCode != 200 || string(b) != "ok" {
+		t.Fatalf("before the drain: %d %q", resp.StatusCode, b)
+	}
+
+	p.cancel()
+	// The idle timeout is minutes away and nothing else closes it.
+	if n, err := br.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("idle keep-alive connection after the drain began: read %d, %v; want EOF", n, err)
 	}
 }
 

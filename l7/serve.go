@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -71,7 +72,9 @@ func (ci *ConnInfo) misdirected(authority string) bool {
 // ctx cancelled.
 //
 // Cancelling ctx starts a graceful close: HTTP/2 gets GOAWAY, HTTP/1.1
-// closes after the response in flight, idle connections close at once, and
+// closes after the response in flight (a connection still in its TLS
+// handshake, or yet to send its first request, gets that one answered),
+// idle connections close at once, and
 // an upgraded connection (WebSocket), which has no graceful close, is cut.
 // Requests in flight run to completion; to bound that, the caller closes
 // conn (the proxy does when its shutdown grace ends), which makes
@@ -98,7 +101,11 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 	}
 	tc := tls.Server(pc, h.tlsConfig)
 	tc.SetDeadline(time.Now().Add(tlsHandshakeTimeout))
-	if err := tc.HandshakeContext(ctx); err != nil {
+	// The handshake is not part of what a drain stops: the client was
+	// accepted before it and has sent its ClientHello, and on L4 routes
+	// the same connection is relayed. The deadline bounds it, and the
+	// caller's hard cut closes conn.
+	if err := tc.HandshakeContext(context.WithoutCancel(ctx)); err != nil {
 		// Client garbage or a client that gave up: debug, not warn.
 		h.log.Debug("tls handshake failed", "client", ci.Client, "err", err)
 		return
@@ -119,6 +126,21 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 	// Shutdown for both HTTP/1.1 and HTTP/2 (ConfigureServer hooks the
 	// HTTP/2 GOAWAY into Server.Shutdown).
 	l := newConnListener(tc)
+	// The drain is armed only once Serve tracks the connection
+	// (StateNew): before that, a Shutdown would find no connection to
+	// wait for, and the close after it would cut one the client has just
+	// finished its handshake on.
+	//
+	// HTTP/2 gets Shutdown's GOAWAY. HTTP/1.1 gets keep-alives turned
+	// off instead: the response in flight is the connection's last, an
+	// idle connection closes at once, and a fresh one (accepted before
+	// the drain, handshake just done) still has its first request
+	// answered, which Shutdown would drop unanswered. An upgraded
+	// (hijacked) connection has no graceful close and is cut.
+	h2 := tc.ConnectionState().NegotiatedProtocol == "h2"
+	var hijacked atomic.Bool
+	var stop func() bool
+	drained := make(chan struct{})
 	srv := &http.Server{
 		Handler:           c,
 		ReadHeaderTimeout: readHeaderTimeout,
@@ -126,13 +148,35 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          h.errorLog,
 		BaseContext:       func(net.Listener) context.Context { return c.ctx },
-		ConnState: func(_ net.Conn, s http.ConnState) {
-			// A hijacked connection (an upgrade) is no longer the
-			// server's; its handler runs on and c.finish waits for it.
-			if s == http.StateClosed || s == http.StateHijacked {
-				l.connDone()
+	}
+	srv.ConnState = func(_ net.Conn, s http.ConnState) {
+		switch s {
+		case http.StateNew: // on Serve's goroutine, this one
+			stop = context.AfterFunc(ctx, func() {
+				defer close(drained)
+				if !h2 {
+					srv.SetKeepAlivesEnabled(false)
+					if hijacked.Load() {
+						conn.Close()
+					}
+					return
+				}
+				// Shutdown returns once the connection is done, or
+				// when c.ctx ends as ServeConn finishes.
+				srv.Shutdown(c.ctx)
+				conn.Close()
+			})
+		case http.StateHijacked:
+			// An upgrade: no longer the server's; its handler runs on
+			// and c.finish waits for it.
+			hijacked.Store(true)
+			if ctx.Err() != nil {
+				conn.Close() // upgraded during the drain
 			}
-		},
+			l.connDone()
+		case http.StateClosed:
+			l.connDone()
+		}
 	}
 	h2srv := &http2.Server{
 		MaxConcurrentStreams: maxConcurrentStreams,
@@ -151,15 +195,6 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 		return
 	}
 
-	drained := make(chan struct{})
-	stop := context.AfterFunc(ctx, func() {
-		defer close(drained)
-		// Shutdown returns once the connection is done (at once if
-		// it was hijacked), or when c.ctx ends as ServeConn finishes.
-		srv.Shutdown(c.ctx)
-		conn.Close() // cuts a hijacked connection
-	})
-
 	srv.Serve(l) // returns once the listener is closed by connDone or Shutdown
 	if l.handedOut() {
 		<-l.done
@@ -167,7 +202,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 	c.waitHandlers()
 
 	c.cancel() // ends a Shutdown still waiting
-	if !stop() {
+	if stop != nil && !stop() {
 		<-drained
 	}
 }

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -379,5 +380,65 @@ func TestL7CoalescedRequestMisdirected(t *testing.T) {
 		if res.StatusCode != tc.status || !strings.HasPrefix(string(b), tc.body) {
 			t.Errorf("SNI %s, host %s: %d %q, want %d %q", tc.sni, tc.host, res.StatusCode, b, tc.status, tc.body)
 		}
+	}
+}
+
+// TestL7DrainServesConnectionAcceptedBefore: a client accepted before
+// the drain began, whose ClientHello arrives after, completes its TLS
+// handshake and, over HTTP/1.1, gets its request answered (keep-alive
+// then ends with the drain), as the same client on an L4 route would be
+// relayed. The handshake used to be cancelled with the drain, which the
+// client saw as EOF. (An HTTP/2 client is checked for its handshake
+// only: the drain then sends it GOAWAY, which says no request was
+// processed.)
+func TestL7DrainServesConnectionAcceptedBefore(t *testing.T) {
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "web.test")
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+webRouteTOML(h2cBackend(t, "WEB"), leaf.CertFile, leaf.KeyFile))
+	addr := h.addr("l")
+	dial := func(proto string) *tls.Conn {
+		raw, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw.SetDeadline(time.Now().Add(30 * time.Second))
+		tc := tls.Client(raw, &tls.Config{RootCAs: ca.Pool(), ServerName: "web.test", NextProtos: []string{proto}})
+		t.Cleanup(func() { tc.Close() })
+		return tc
+	}
+	h1, h2 := dial("http/1.1"), dial("h2")
+	testnet.WaitFor(t, "both connections accepted", func() bool { return h.srv.Status()[0].Active == 2 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	drained := make(chan error, 1)
+	go func() { drained <- h.srv.Shutdown(ctx) }()
+	testnet.WaitFor(t, "the listener to close", func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+
+	if err := h2.Handshake(); err != nil {
+		t.Errorf("h2: TLS handshake during the drain: %v", err)
+	}
+	h2.Close()
+	if err := h1.Handshake(); err != nil {
+		t.Fatalf("http/1.1: TLS handshake during the drain: %v", err)
+	}
+	io.WriteString(h1, "GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(h1), nil)
+	if err != nil {
+		t.Fatalf("http/1.1: request during the drain: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || !strings.HasPrefix(string(body), "WEB ") {
+		t.Fatalf("http/1.1: during the drain got %d %q", resp.StatusCode, body)
+	}
+	h1.Close()
+	if err := <-drained; err != nil {
+		t.Fatalf("Shutdown = %v, want nil: every connection finished", err)
 	}
 }
