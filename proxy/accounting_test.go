@@ -222,3 +222,28 @@ func (h *harness) seriesLabelled(values ...string) []string {
 	}
 	return found
 }
+
+// TestNoRouteLogNamesSNI: the no_route rejection's log line says which
+// SNI matched nothing, which is what the operator needs to add a route.
+func TestNoRouteLogNamesSNI(t *testing.T) {
+	h, sink := startLoggedProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("a.test", "127.0.0.1:1"))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(clientHelloBytes(t, &tls.Config{ServerName: "missing.test"}))
+	var line map[string]any
+	testnet.WaitFor(t, "the no_route line", func() bool {
+		for _, l := range sink.lines() {
+			if l["reason"] == "no_route" {
+				line = l
+				return true
+			}
+		}
+		return false
+	})
+	if e, _ := line["err"].(string); !strings.Contains(e, `"missing.test"`) {
+		t.Fatalf("no_route line %v does not name the SNI", line)
+	}
+}

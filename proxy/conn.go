@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -116,7 +117,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	}
 	r := lc.routes.lookup(hello.ServerName)
 	if r == nil {
-		s.reject(rl, lc, c, reasonNoRoute, client, nil)
+		s.reject(rl, lc, c, reasonNoRoute, client, noRouteError(hello.ServerName))
 		return
 	}
 	c.SetReadDeadline(time.Time{})
@@ -304,3 +305,9 @@ func (c *l7Conn) Write(p []byte) (int, error) {
 	c.out.Add(uint64(n))
 	return n, err
 }
+
+// noRouteError names the SNI no route matched, for the rejection's log
+// line: what an operator needs to see to add the missing route.
+type noRouteError string
+
+func (e noRouteError) Error() string { return fmt.Sprintf("no route for sni %q", string(e)) }
