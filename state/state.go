@@ -25,6 +25,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -134,6 +135,17 @@ func openReadOnly(path string) (*Store, error) {
 func open(path string, readOnly bool) (*Store, error) {
 	if path == "" {
 		return nil, errors.New("state: open: empty database path")
+	}
+	if !readOnly {
+		// SQLite creates a new database 0644 (less the umask), and its
+		// -wal and -shm files with the database's mode, so every local
+		// user could read the overrides. Create the file 0600 first, as
+		// the admin socket and backup copies are: SQLite takes an empty
+		// file for a new database. An existing file keeps its mode, and
+		// a path that cannot be created is left for SQLite to report.
+		if f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600); err == nil {
+			f.Close()
+		}
 	}
 	w, err := openDB(path, "_txlock=immediate", readOnly)
 	if err != nil {

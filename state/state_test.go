@@ -11,6 +11,7 @@ import (
 	"reflect"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -250,6 +251,32 @@ func TestOpenBadPath(t *testing.T) {
 				t.Errorf("Open = %q, want it to name %s", err, tc.path)
 			}
 		})
+	}
+}
+
+// TestOpenCreatesPrivateFiles: a new database, and the -wal and -shm
+// files SQLite gives the database's mode, are readable by their owner
+// only, like the admin socket and the backup copies: overrides are
+// operator data. SQLite alone creates them 0644 less the umask, so the
+// test sets the common umask 022.
+func TestOpenCreatesPrivateFiles(t *testing.T) {
+	old := syscall.Umask(0o022)
+	defer syscall.Umask(old)
+	path := filepath.Join(t.TempDir(), "state.db")
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	mustPut(t, s, 1)
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+			t.Errorf("%s: mode %v, want no access for group and others", filepath.Base(p), perm)
+		}
 	}
 }
 
