@@ -261,11 +261,11 @@ func (h *Handler) Close() {
 }
 
 func loadKeyPair(certFile, keyFile string) (tls.Certificate, error) {
-	certPEM, err := os.ReadFile(certFile)
+	certPEM, err := readPEMFile(certFile)
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("l7: tls_cert: %w", err)
 	}
-	keyPEM, err := os.ReadFile(keyFile)
+	keyPEM, err := readPEMFile(keyFile)
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("l7: tls_key: %w", err)
 	}
@@ -280,7 +280,7 @@ func loadRoots(file string) (*x509.CertPool, error) {
 	if file == "" {
 		return nil, nil
 	}
-	pem, err := os.ReadFile(file)
+	pem, err := readPEMFile(file)
 	if err != nil {
 		return nil, fmt.Errorf("l7: backend_ca: %w", err)
 	}
@@ -289,6 +289,30 @@ func loadRoots(file string) (*x509.CertPool, error) {
 		return nil, fmt.Errorf("l7: backend_ca: no PEM certificates in %s", file)
 	}
 	return pool, nil
+}
+
+// maxPEMFile bounds a certificate, key or CA bundle file; the largest
+// system CA bundles are about 250 KiB.
+const maxPEMFile = 4 << 20
+
+// readPEMFile reads a route's certificate, key or CA file, at most
+// maxPEMFile bytes of it. The admin API names these files too, and a
+// device there (/dev/zero never ends) or a huge file must be an error,
+// not a daemon that reads until it runs out of memory.
+func readPEMFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxPEMFile+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxPEMFile {
+		return nil, fmt.Errorf("%s is larger than %d bytes", path, maxPEMFile)
+	}
+	return b, nil
 }
 
 func orDefault(d, def time.Duration) time.Duration {

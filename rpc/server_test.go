@@ -30,6 +30,7 @@ import (
 	"github.com/portcullis/portcullis/rpc/adminpb"
 	"github.com/portcullis/portcullis/state"
 	"github.com/portcullis/portcullis/testnet"
+	"github.com/portcullis/portcullis/testpki"
 )
 
 func myActor() string { return "uid:" + strconv.Itoa(os.Getuid()) }
@@ -1236,5 +1237,47 @@ func TestSnapshotWriteErrorEndsTheCall(t *testing.T) {
 	goleak.VerifyNone(t, before)
 	if m, _ := filepath.Glob(filepath.Join(h.dir, ".portcullis-backup-*")); len(m) != 0 {
 		t.Errorf("backup staging files left: %v", m)
+	}
+}
+
+// TestPutRouteFileTooLarge: an L7 route's certificate, key and CA paths
+// come from the caller, and the daemon read whatever they named to the
+// end: a huge file was read into memory whole, and a device that never
+// ends (/dev/zero) ran the daemon out of memory, cutting every live
+// connection. Each is now refused as the route's bad value.
+func TestPutRouteFileTooLarge(t *testing.T) {
+	h := newHarness(t, fileConfig{})
+	leaf := testpki.NewCA(t).Leaf(t, "l7.test")
+	huge := filepath.Join(h.dir, "huge.pem")
+	if err := os.WriteFile(huge, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(huge, 64<<20); err != nil { // sparse: no disk used
+		t.Fatal(err)
+	}
+	be := h.backends["new"]
+	// The huge file comes first: before the bound, /dev/zero would take
+	// the test process down with it.
+	for _, tc := range []struct {
+		name, field string
+		route       *adminpb.Route
+	}{
+		{"tls_cert huge", "tls_cert", &adminpb.Route{TlsCert: huge, TlsKey: leaf.KeyFile}},
+		{"tls_cert endless", "tls_cert", &adminpb.Route{TlsCert: "/dev/zero", TlsKey: leaf.KeyFile}},
+		{"tls_key endless", "tls_key", &adminpb.Route{TlsCert: leaf.CertFile, TlsKey: "/dev/zero"}},
+		{"backend_ca endless", "backend_ca", &adminpb.Route{TlsCert: leaf.CertFile, TlsKey: leaf.KeyFile, BackendProtocol: "h2", BackendCa: "/dev/zero"}},
+	} {
+		r := tc.route
+		r.Listener, r.Sni, r.Backend, r.Mode = "public", "l7.test", be, "l7"
+		_, err := h.cli.PutRoute(h.ctx(), r)
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "larger than") {
+			t.Fatalf("%s: PutRoute = %v, want FailedPrecondition saying the file is too large", tc.name, err)
+		}
+		if fields := badRequestFields(err); len(fields) != 1 || !strings.HasSuffix(fields[0], "."+tc.field) {
+			t.Errorf("%s: BadRequest fields %v, want one ending in .%s", tc.name, fields, tc.field)
+		}
+	}
+	if _, err := h.cli.PutRoute(h.ctx(), &adminpb.Route{Listener: "public", Sni: "l7.test", Backend: be, Mode: "l7", TlsCert: leaf.CertFile, TlsKey: leaf.KeyFile}); err != nil {
+		t.Fatal(err)
 	}
 }
