@@ -221,13 +221,16 @@ func ctl(ctx context.Context, c *rpc.Client, p *printer, args []string) error {
 }
 
 // snapshotTo writes the streamed backup to a temporary file and renames
-// it into place, so FILE is either a whole database or untouched.
+// it into place, so FILE is either a whole database or untouched. The
+// temporary file is new (mode 0600) under a random name: a fixed one
+// that someone else could create first, as a symlink say, would have the
+// database written wherever they chose.
 func snapshotTo(ctx context.Context, c *rpc.Client, p *printer, path string) error {
-	tmp := path + ".partial"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".partial-*")
 	if err != nil {
 		return err
 	}
+	tmp := f.Name()
 	n, err := c.Snapshot(ctx, f)
 	if cerr := f.Close(); err == nil {
 		err = cerr

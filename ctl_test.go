@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"database/sql"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -301,5 +302,47 @@ func TestCtlSnapshotRestoreHint(t *testing.T) {
 	}
 	if !strings.Contains(out, "203.0.113.9") {
 		t.Errorf("restarted with %s, the snapshot's override is gone:\n%s", hint, out)
+	}
+}
+
+// TestCtlSnapshotStagingNotFollowed: `ctl snapshot FILE` stages the
+// copy under a name of its own, not a fixed FILE.partial that anyone
+// who can write to FILE's directory (/tmp, say) can plant beforehand: a
+// symlink there made ctl truncate and overwrite the file it points to
+// with the database, and a file there received the database with the
+// planter's mode and ownership.
+func TestCtlSnapshotStagingNotFollowed(t *testing.T) {
+	app := testnet.NamedBackend(t, "app")
+	env := newEnv(t)
+	env.writeConfig(t, "5s", l4Listener(freeAddr(t), "app.test", app))
+	env.start(t)
+	dir := t.TempDir()
+	victim := filepath.Join(t.TempDir(), "victim")
+	writeFile(t, victim, "precious\n")
+	file := filepath.Join(dir, "backup.db")
+	if err := os.Symlink(victim, file+".partial"); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, stderr := runCmd("ctl", "-admin", "unix:"+env.sock, "snapshot", file); code != 0 {
+		t.Fatalf("snapshot: exit %d\n%s", code, stderr)
+	}
+	if b, err := os.ReadFile(victim); err != nil || string(b) != "precious\n" {
+		t.Errorf("the symlink's target was written: %.20q (%d bytes), %v", b, len(b), err)
+	}
+	fi, err := os.Lstat(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !fi.Mode().IsRegular() || fi.Mode().Perm() != 0o600 {
+		t.Errorf("%s: mode %v, want a regular file with mode 0600", file, fi.Mode())
+	}
+	db, err := sql.Open("sqlite3", "file:"+file+"?mode=ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var check string
+	if err := db.QueryRow("PRAGMA integrity_check").Scan(&check); err != nil || check != "ok" {
+		t.Fatalf("snapshot integrity_check: %q, %v", check, err)
 	}
 }
