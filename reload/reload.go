@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -183,7 +184,8 @@ func (m *Manager) build(file *config.Config, o *state.Overrides) (*Effective, *p
 // and compiled first, then write commits the same change to the
 // database, and only then is the snapshot published. If validation or
 // the write fails, memory and database are unchanged and the error is
-// returned (validation errors wrap ErrRejected).
+// returned (validation errors wrap ErrRejected; an override set on a
+// listener the file does not declare is ErrNoListener).
 func (m *Manager) Mutate(ctx context.Context, change func(*state.Overrides) error, write func(context.Context, *state.Store) error) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -192,6 +194,12 @@ func (m *Manager) Mutate(ctx context.Context, change func(*state.Overrides) erro
 	}
 	next := m.overrides.Clone()
 	if err := change(next); err != nil {
+		return err
+	}
+	// The admin API checks that the listener exists before this lock is
+	// taken; a file reload in between may have removed it, and the
+	// override would then be stored but never applied.
+	if err := setsMissingListener(m.file, m.overrides, next); err != nil {
 		return err
 	}
 	eff, snap, err := m.build(m.file, next)
@@ -218,6 +226,28 @@ func (m *Manager) Mutate(ctx context.Context, change func(*state.Overrides) erro
 
 // ErrRejected marks a mutation the effective config does not accept.
 var ErrRejected = errors.New("reload: rejected by the effective configuration")
+
+// ErrNoListener marks a mutation that sets an override on a listener the
+// config file does not declare.
+var ErrNoListener = errors.New("reload: listener is not in the config file")
+
+// setsMissingListener refuses a change that sets (or re-sets) a route or
+// listener override on a listener file does not declare: it would be an
+// orphan from the start. Overrides next keeps unchanged from prev, and
+// clearing them, are allowed.
+func setsMissingListener(file *config.Config, prev, next *state.Overrides) error {
+	for _, r := range next.Routes {
+		if file.Listener(r.Listener) == nil && !slices.Contains(prev.Routes, r) {
+			return fmt.Errorf("%w: %q", ErrNoListener, r.Listener)
+		}
+	}
+	for _, l := range next.Listeners {
+		if file.Listener(l.Listener) == nil && !slices.Contains(prev.Listeners, l) {
+			return fmt.Errorf("%w: %q", ErrNoListener, l.Listener)
+		}
+	}
+	return nil
+}
 
 // Effective returns the effective config now serving, with origins.
 func (m *Manager) Effective() *Effective {

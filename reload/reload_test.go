@@ -3,12 +3,14 @@ package reload
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -32,6 +34,7 @@ type rig struct {
 	dir   string
 	path  string
 	log   *slog.Logger // nil: discarded
+	store *state.Store // nil: no overrides database
 	srv   *proxy.Server
 	m     *Manager
 	hello []byte
@@ -50,7 +53,7 @@ func newRig(t *testing.T, cfg string) *rig {
 func (r *rig) start() {
 	t := r.t
 	r.srv = proxy.NewServer(proxy.Options{})
-	r.m = New(Options{Path: r.path, Server: r.srv, Debounce: 50 * time.Millisecond, Logger: r.log})
+	r.m = New(Options{Path: r.path, Server: r.srv, Store: r.store, Debounce: 50 * time.Millisecond, Logger: r.log})
 	if err := r.m.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -477,5 +480,82 @@ func TestErrorsPointAtTheFileAfterOverrides(t *testing.T) {
 	want := fmt.Sprintf("%s:14: listener[0].route[1].tls_cert", r.path)
 	if err == nil || !strings.Contains(err.Error(), want) {
 		t.Fatalf("error %v\ndoes not contain %q", err, want)
+	}
+}
+
+// TestMutateRefusesOverrideForMissingListener: the admin API checks that
+// a listener exists before Mutate takes the manager's lock, so a file
+// reload that removes the listener can come in between. Mutate must then
+// refuse the change instead of storing an override that is never
+// applied (and telling the caller it succeeded). Clearing an override of
+// the removed listener, and other changes while it is orphaned, still
+// work.
+func TestMutateRefusesOverrideForMissingListener(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	two := appConfig(a) + "\n[[listener]]\nname = \"l2\"\nlisten = \"127.0.0.2:0\"\n"
+	dir := t.TempDir()
+	st, err := state.Open(filepath.Join(dir, "state.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	r := &rig{t: t, dir: dir, path: filepath.Join(dir, "portcullis.toml"), store: st}
+	r.write(two)
+	r.start()
+	ctx := context.Background()
+	put := func(ro state.RouteOverride) error {
+		return r.m.Mutate(ctx, func(o *state.Overrides) error { o.SetRoute(ro); return nil },
+			func(ctx context.Context, s *state.Store) error { return s.PutRoute(ctx, ro) })
+	}
+	kept := state.RouteOverride{Listener: "l2", SNI: "kept.test", Route: config.Route{Backend: a}}
+	if err := put(kept); err != nil {
+		t.Fatal(err)
+	}
+	before, err := st.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// The file loses l2 after the API found it there.
+	r.write(appConfig(a))
+	if err := r.m.Reload("test"); err != nil {
+		t.Fatal(err)
+	}
+	lo := state.ListenerOverride{Listener: "l2", MaxConnections: 3}
+	for name, call := range map[string]func() error{
+		"route": func() error {
+			return put(state.RouteOverride{Listener: "l2", SNI: "late.test", Route: config.Route{Backend: a}})
+		},
+		"tombstone": func() error {
+			return put(state.RouteOverride{Listener: "l2", SNI: "kept.test", Deleted: true})
+		},
+		"max_connections": func() error {
+			return r.m.Mutate(ctx, func(o *state.Overrides) error { o.SetListener(lo); return nil },
+				func(ctx context.Context, s *state.Store) error { return s.PutListener(ctx, lo) })
+		},
+	} {
+		if err := call(); !errors.Is(err, ErrNoListener) {
+			t.Errorf("%s override on the removed listener: %v, want ErrNoListener", name, err)
+		}
+	}
+	after, err := st.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(after, before) {
+		t.Errorf("database changed by refused mutations:\n%+v\nwas\n%+v", after, before)
+	}
+	if got := r.m.Overrides(); len(got.Routes) != 1 || len(got.Listeners) != 0 {
+		t.Errorf("memory changed by refused mutations: %+v", got)
+	}
+
+	// Other changes, and clearing the orphan, are allowed.
+	if err := put(state.RouteOverride{Listener: "l", SNI: "other.test", Route: config.Route{Backend: a}}); err != nil {
+		t.Errorf("route override on l while l2's is orphaned: %v", err)
+	}
+	err = r.m.Mutate(ctx, func(o *state.Overrides) error { o.RemoveRoute("l2", "kept.test"); return nil },
+		func(ctx context.Context, s *state.Store) error { return s.ClearRoute(ctx, "l2", "kept.test") })
+	if err != nil {
+		t.Errorf("clearing the orphan: %v", err)
 	}
 }

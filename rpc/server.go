@@ -422,7 +422,8 @@ func (s *Server) requireListener(name string) error {
 
 // mutationError maps a failed Mutate to a gRPC status: a change the
 // effective config rejects is FailedPrecondition (with the key at
-// fault), a gRPC status from the change itself passes through, a daemon
+// fault), a gRPC status from the change itself passes through, a
+// listener a reload removed since it was checked is NotFound, a daemon
 // that is shutting down is Unavailable, and anything else (the database
 // write) is Internal.
 func (s *Server) mutationError(what string, err error) error {
@@ -431,6 +432,11 @@ func (s *Server) mutationError(what string, err error) error {
 	}
 	if errors.Is(err, proxy.ErrShuttingDown) {
 		return status.Errorf(codes.Unavailable, "%s: %v (nothing changed)", what, err)
+	}
+	if errors.Is(err, reload.ErrNoListener) {
+		// The listener was checked, then a reload removed it before the
+		// change could be made.
+		return status.Errorf(codes.NotFound, "%s: %v", what, err)
 	}
 	if errors.Is(err, reload.ErrRejected) {
 		st := status.New(codes.FailedPrecondition, what+": "+err.Error())
