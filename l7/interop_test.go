@@ -118,6 +118,46 @@ func TestRequestTrailers(t *testing.T) {
 	}
 }
 
+// Forwarding headers sent as request trailers are dropped as they are in
+// the header section: a backend that merges trailers into the headers
+// (as Apache once did, CVE-2013-5704) would otherwise take the client's
+// word for its address.
+func TestRequestTrailersForwardingHeaders(t *testing.T) {
+	for _, tc := range []struct {
+		backend  string
+		clientH2 bool
+	}{
+		{beH2C, false},
+		{beHTTP1, false},
+		{beHTTP1, true},
+		{beH2C, true}, // the relay
+	} {
+		t.Run(fmt.Sprintf("%s/h2client=%v", tc.backend, tc.clientH2), func(t *testing.T) {
+			checkLeaks(t)
+			pki := newTestPKI(t)
+			be := startBackend(t, pki, tc.backend, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				io.Copy(io.Discard, r.Body)
+				fmt.Fprintf(w, "xff=%q real=%q sum=%q", r.Trailer.Get("X-Forwarded-For"), r.Trailer.Get("X-Real-Ip"), r.Trailer.Get("X-Checksum"))
+			}))
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: tc.backend})
+			addr := startProxy(t, h, false).addr
+			c, _ := newClient(t, pki, addr, tc.clientH2, "")
+
+			req := mustRequest(t, "PUT", url+"/upload", io.NopCloser(strings.NewReader("hello body")))
+			req.Trailer = http.Header{"X-Forwarded-For": {"203.0.113.9"}, "X-Real-Ip": {"203.0.113.9"}, "X-Checksum": {"abc123"}}
+			res, err := c.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if want := `xff="" real="" sum="abc123"`; string(got) != want {
+				t.Errorf("backend saw trailers %s\nwant                %s", got, want)
+			}
+		})
+	}
+}
+
 // startsThenCounts answers "started\n" at once, in full duplex, then
 // reads the whole request body and reports its size: a backend whose
 // response begins while the upload is still arriving.

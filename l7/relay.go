@@ -83,7 +83,8 @@ const (
 	// their response started may outnumber those that got one (each
 	// response pays one back). Past it the client is opening and
 	// cancelling streams to load the backend (the HTTP/2 "rapid reset"
-	// attack, CVE-2023-44487) and gets GOAWAY ENHANCE_YOUR_CALM.
+	// attack, CVE-2023-44487) and gets GOAWAY ENHANCE_YOUR_CALM. Streams
+	// the relay resets for a malformed frame of the client's count too.
 	maxEarlyResets = 2 * maxConcurrentStreams
 	// lingerTimeout is how long a finished client connection is still
 	// read (and what arrives dropped) before it is closed. Closing a
@@ -160,6 +161,9 @@ type relayStream struct {
 	head    bool // a HEAD request: the relay's own answer has no body
 	resDone bool
 	timeout *time.Timer // response timeout, stopped when headers arrive
+	// bodyLeft is how much of the request's content-length its DATA
+	// has yet to bring; -1 without one.
+	bodyLeft int64
 }
 
 // dialRelayBackend dials the backend for one client connection and

@@ -24,10 +24,11 @@ func (r *relay) fromClient() {
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {
-				r.clientStreamError(se)
-				continue
+				err = r.clientStreamError(se)
 			}
-			r.clientFailed(err)
+			if err != nil {
+				r.clientFailed(err)
+			}
 			continue // drains, see end
 		}
 		switch f := f.(type) {
@@ -38,8 +39,7 @@ func (r *relay) fromClient() {
 			if blk, err = c.hdec.read(c.fr, f); err == nil {
 				err = r.clientHeaders(blk)
 			} else if se := (http2.StreamError{}); errors.As(err, &se) {
-				r.clientStreamError(se)
-				err = nil
+				err = r.clientStreamError(se)
 			}
 		case *http2.RSTStreamFrame:
 			err = r.clientReset(f)
@@ -92,15 +92,15 @@ func (r *relay) clientHeaders(f *headerBlock) error {
 			r.mu.Unlock()
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
-		if f.pseudo != 0 || f.truncated {
+		fields, ok := trailerFields(f)
+		if !ok || f.pseudo != 0 || f.truncated || st.bodyLeft > 0 {
 			r.mu.Unlock()
-			r.clientStreamError(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
-			return nil
+			return r.clientStreamError(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
 		}
 		r.endLocked(st, &st.reqDone)
 		r.mu.Unlock()
 		b := r.backend
-		b.write(func() error { return b.writeHeaders(id, f.fields, true, http2.PriorityParam{}) })
+		b.write(func() error { return b.writeHeaders(id, fields, true, http2.PriorityParam{}) })
 		r.finalSent()
 		return nil
 	}
@@ -133,6 +133,7 @@ func (r *relay) clientHeaders(f *headerBlock) error {
 	}
 
 	st := &relayStream{id: id, start: now, reqDone: f.endStream, head: isHead(f)}
+	st.bodyLeft, _ = requestLength(f)
 	r.mu.Lock()
 	if r.ended {
 		r.mu.Unlock()
@@ -159,6 +160,16 @@ func (r *relay) clientData(f *http2.DataFrame) error {
 	st := r.streams[id]
 	ok := st != nil && !st.reqDone
 	end := ok && f.StreamEnded()
+	if ok && st.bodyLeft >= 0 {
+		// Checked here, where the DATA is, since a backend that turns
+		// the request into HTTP/1.1 frames it by its content-length.
+		st.bodyLeft -= int64(len(f.Data()))
+		if st.bodyLeft < 0 || end && st.bodyLeft != 0 {
+			r.mu.Unlock()
+			r.client.credit(f.Length) // not forwarded
+			return r.clientStreamError(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
+		}
+	}
 	if ok && st.code == 0 {
 		// The request is still moving (flow control let this DATA
 		// through, so the backend is taking it): the backend cannot be
@@ -207,19 +218,33 @@ func (r *relay) clientReset(f *http2.RSTStreamFrame) error {
 	b := r.backend
 	b.write(func() error { return b.fr.WriteRSTStream(f.StreamID, f.ErrCode) })
 	if calm {
-		r.h.log.Warn("relay: client resets streams before their responses, closing", "client", r.ci.Client, "resets", maxEarlyResets)
-		return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+		return r.calm()
 	}
 	r.endIfDone()
 	return nil
 }
 
+// calm is the connection error for a client past maxEarlyResets.
+func (r *relay) calm() error {
+	r.h.log.Warn("relay: client resets streams before their responses, closing", "client", r.ci.Client, "resets", maxEarlyResets)
+	return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+}
+
 // clientStreamError answers a malformed request (bad header field, bad
-// pseudo-header) with RST_STREAM; the connection goes on.
-func (r *relay) clientStreamError(se http2.StreamError) {
+// pseudo-header, a body that disagrees with its content-length) with
+// RST_STREAM; the connection goes on. A stream the backend started and
+// had not answered is reset there too, which the client caused as
+// surely as with a RST_STREAM of its own ("MadeYouReset",
+// CVE-2025-8671): it counts as an early reset.
+func (r *relay) clientStreamError(se http2.StreamError) error {
 	r.mu.Lock()
 	st := r.streams[se.StreamID]
+	calm := false
 	if st != nil {
+		if st.code == 0 {
+			r.earlyResets++
+			calm = r.earlyResets > maxEarlyResets
+		}
 		r.removeLocked(st, http.StatusBadRequest)
 	} else if se.StreamID > r.lastStream {
 		r.lastStream = se.StreamID
@@ -230,8 +255,12 @@ func (r *relay) clientStreamError(se http2.StreamError) {
 	c.flush()
 	if st != nil {
 		b.write(func() error { return b.fr.WriteRSTStream(se.StreamID, http2.ErrCodeCancel) })
+		if calm {
+			return r.calm()
+		}
 		r.endIfDone()
 	}
+	return nil
 }
 
 func (r *relay) clientWindowUpdate(f *http2.WindowUpdateFrame) {

@@ -28,9 +28,30 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 	case path == "" || scheme == "":
 		return nil, 0, http2.ErrCodeProtocol
 	}
+	// A malformed request must not reach a backend, which may read it
+	// differently, or as more than one request (RFC 9113, 8.1.1): what
+	// the general path's HTTP/2 server refuses
+	// (x/net/internal/httpcommon.NewServerRequest), and a content-length
+	// the request's DATA cannot match (clientData checks the rest).
+	length, ok := requestLength(f)
+	authority := f.pseudoValue("authority")
+	switch {
+	case !ok || f.endStream && length > 0:
+		return nil, 0, http2.ErrCodeProtocol
+	case path[0] != '/' && path != "*":
+		return nil, 0, http2.ErrCodeProtocol
+	case !httpguts.ValidHeaderFieldName(method):
+		return nil, 0, http2.ErrCodeProtocol
+	case !validAuthority(authority):
+		return nil, 0, http2.ErrCodeProtocol
+	case f.pseudo&pseudoProtocol != 0:
+		// Extended CONNECT, which the relay does not offer.
+		return nil, 0, http2.ErrCodeProtocol
+	}
 
 	trusted := r.ci.TrustForwarded
-	host := f.pseudoValue("authority")
+	host := authority
+	hosts := 0
 	var xff []string
 	hasRealIP := false
 	out = r.reqFields[:0]
@@ -49,9 +70,12 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 		case "proxy-authorization", "proxy-authenticate":
 			continue // meant for the proxy, as ReverseProxy treats them
 		case "host":
-			if host == "" {
-				host = hf.Value
+			// A Host that names another host than :authority would
+			// escape the misdirected check (RFC 9113, 8.3.1).
+			if hosts++; hosts > 1 || authority != "" && hf.Value != authority || !validAuthority(hf.Value) {
+				return nil, 0, http2.ErrCodeProtocol
 			}
+			host = hf.Value
 		case "x-forwarded-for":
 			if trusted {
 				xff = append(xff, hf.Value)
@@ -96,6 +120,48 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 		out = append(out, hpack.HeaderField{Name: "x-forwarded-host", Value: host})
 	}
 	return out, 0, http2.ErrCodeNo
+}
+
+// trailerFields checks a request's trailers and returns the ones the
+// backend gets. A field that may not be a trailer (RFC 9110, 6.5.1) or
+// is connection-specific (RFC 9113, 8.2.2) makes the request malformed,
+// as on the general path; forwarding headers are dropped, as from the
+// header section. The fields are f's, filtered in place.
+func trailerFields(f *headerBlock) ([]hpack.HeaderField, bool) {
+	out := f.fields[:0]
+	for _, hf := range f.fields {
+		switch {
+		case hf.Name == "upgrade" || !httpguts.ValidTrailerHeader(hf.Name):
+			return nil, false
+		case forwardingName(hf.Name):
+			continue
+		}
+		out = append(out, hf)
+	}
+	return out, true
+}
+
+// requestLength returns a request's content-length, -1 if it has none.
+// ok is false if a content-length is not a number, or two disagree.
+func requestLength(b *headerBlock) (n int64, ok bool) {
+	n = -1
+	for _, f := range b.fields {
+		if f.Name != "content-length" {
+			continue
+		}
+		v, err := strconv.ParseUint(f.Value, 10, 63)
+		if err != nil || n >= 0 && int64(v) != n {
+			return -1, false
+		}
+		n = int64(v)
+	}
+	return n, true
+}
+
+// validAuthority reports whether a is empty or a host[:port] without
+// userinfo, which RFC 9113 (8.3.1) forbids in :authority.
+func validAuthority(a string) bool {
+	return strings.IndexByte(a, '@') < 0 && httpguts.ValidHostHeader(a)
 }
 
 // isHead reports whether b is the header block of a HEAD request.

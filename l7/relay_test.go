@@ -2587,3 +2587,161 @@ func TestRelayHeadAnswerHasNoBody(t *testing.T) {
 		t.Errorf("HEAD: content-length %q, want the GET's %q", head, get)
 	}
 }
+
+// A client can make the relay reset streams for it: a malformed frame on
+// a stream the backend has started (here a WINDOW_UPDATE of 0, a stream
+// error) gets it reset at the backend just as the client's own
+// RST_STREAM would ("MadeYouReset", CVE-2025-8671). Those resets count
+// towards the rapid-reset limit too.
+func TestRelayStreamErrorsCountAsResets(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	started := make(chan struct{}, 4096) // never full: handlers must not block on it
+	release, _ := releaser(t)
+	be := startH2CBackend(t, nil, holdOn("/hold", "held", started, release))
+	p := dialRelay(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+	p.fr.AllowIllegalWrites = true // for the WINDOW_UPDATE of 0
+
+	id := uint32(1)
+	for range maxEarlyResets + 1 {
+		p.get(id, "/hold")
+		p.must(p.write(func() error { return p.fr.WriteWindowUpdate(id, 0) }))
+		id += 2
+	}
+	p.until("the connection to close", func() bool { return p.readErr != nil })
+	if p.goAway == nil || p.goAway.code != http2.ErrCodeEnhanceYourCalm {
+		t.Fatalf("GOAWAY %+v, want ENHANCE_YOUR_CALM; frames: %s", p.goAway, p.history())
+	}
+}
+
+// A request whose content-length disagrees with its DATA is malformed
+// (RFC 9113, 8.1.1) and must not be forwarded: a backend that turns it
+// into HTTP/1.1 would frame it by the content-length, and the rest of
+// the body, or the next request on its connection, would be read as a
+// request of its own ("H2.CL" smuggling).
+func TestRelayContentLengthMismatch(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	complete := make(chan string, 16)
+	addr := startRawBackend(t, nil, nil, func(p *h2Peer) {
+		p.serveRequests(func(id uint32, s *h2Stream) {
+			complete <- fmt.Sprintf("%d:%s", id, s.body.String())
+			p.writeHeaders(id, true, fields(":status", "200"))
+		})
+	})
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c"})
+
+	for _, tc := range []struct {
+		id     uint32
+		name   string
+		fields []string
+		body   string
+	}{
+		{1, "declared, no DATA", []string{"content-length", "5"}, ""},
+		{3, "DATA beyond it", []string{"content-length", "2"}, "hello"},
+		{5, "DATA short of it", []string{"content-length", "10"}, "hi"},
+		{7, "two values", []string{"content-length", "1", "content-length", "2"}, "h"},
+		{9, "not a number", []string{"content-length", "-1"}, "h"},
+	} {
+		p.must(p.writeHeaders(tc.id, tc.body == "", reqFields("POST", "/upload", tc.fields...)))
+		if tc.body != "" {
+			p.must(p.write(func() error { return p.fr.WriteData(tc.id, true, []byte(tc.body)) }))
+		}
+		if s := p.response(tc.id); s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
+			t.Errorf("%s: rst %v status %q, want RST_STREAM PROTOCOL_ERROR only; frames: %s", tc.name, s.rst, s.status(), p.history())
+		}
+	}
+	p.must(p.writeHeaders(11, false, reqFields("POST", "/upload", "content-length", "5")))
+	p.must(p.write(func() error { return p.fr.WriteData(11, true, []byte("hello")) }))
+	if s := p.response(11); s.status() != "200" {
+		t.Fatalf("a well-formed request: %s; frames: %s", s.status(), p.history())
+	}
+	if got := recv(t, complete, "the well-formed request"); got != "11:hello" {
+		t.Errorf("the backend got request %q first, want only 11:hello", got)
+	}
+}
+
+// Pseudo-header fields the general path's HTTP/2 server refuses as
+// malformed (RFC 9113, 8.3.1) are refused by the relay too, rather than
+// handed to a backend that may read them differently: a Host that
+// disagrees with :authority (which also escapes the 421 check), a
+// :path that is not absolute, an :authority with userinfo, a :method
+// that is not a token, a :protocol without SETTINGS_ENABLE_CONNECT_PROTOCOL.
+func TestRelayMalformedPseudoHeaders(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	complete := make(chan string, 16)
+	addr := startRawBackend(t, nil, nil, func(p *h2Peer) {
+		p.serveRequests(func(id uint32, s *h2Stream) {
+			complete <- fmt.Sprintf("%d:%s", id, fieldValue(s.header, ":path"))
+			p.writeHeaders(id, true, fields(":status", "200"))
+		})
+	})
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c"})
+
+	req := func(method, authority, path string, kv ...string) []hpack.HeaderField {
+		return append(fields(":method", method, ":scheme", "https", ":authority", authority, ":path", path), fields(kv...)...)
+	}
+	id := uint32(1)
+	for _, tc := range []struct {
+		name   string
+		fields []hpack.HeaderField
+	}{
+		{"host differs", req("GET", frontName, "/x", "host", "other.test")},
+		{"two hosts", req("GET", frontName, "/x", "host", frontName, "host", "other.test")},
+		{"relative path", req("GET", frontName, "x")},
+		{"absolute URI path", req("GET", frontName, "http://other.test/x")},
+		{"userinfo", req("GET", "user@"+frontName, "/x")},
+		{"bad authority", req("GET", frontName+"/x", "/x")},
+		{"method with a space", req("GET /x HTTP/1.1", frontName, "/x")},
+		{":protocol, never offered", append(fields(":protocol", "websocket"), req("GET", frontName, "/x")...)},
+	} {
+		p.must(p.writeHeaders(id, true, tc.fields))
+		if s := p.response(id); s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
+			t.Errorf("%s: rst %v status %q, want RST_STREAM PROTOCOL_ERROR only; frames: %s", tc.name, s.rst, s.status(), p.history())
+		}
+		id += 2
+	}
+	p.must(p.writeHeaders(id, true, req("OPTIONS", frontName, "*", "host", frontName)))
+	if s := p.response(id); s.status() != "200" {
+		t.Fatalf("a well-formed request: %s; frames: %s", s.status(), p.history())
+	}
+	if got, want := recv(t, complete, "the well-formed request"), fmt.Sprintf("%d:*", id); got != want {
+		t.Errorf("the backend got request %q first, want only %s", got, want)
+	}
+}
+
+// Trailers with fields that may not be trailers (RFC 9110, 6.5.1), or
+// that are connection-specific (RFC 9113, 8.2.2), make the request
+// malformed, as on the general path; the backend never sees it end.
+func TestRelayMalformedTrailers(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	complete := make(chan uint32, 16)
+	addr := startRawBackend(t, nil, nil, func(p *h2Peer) {
+		p.serveRequests(func(id uint32, s *h2Stream) {
+			complete <- id
+			p.writeHeaders(id, true, fields(":status", "200"))
+		})
+	})
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c"})
+
+	id := uint32(1)
+	for _, name := range []string{"content-length", "transfer-encoding", "host", "connection", "upgrade"} {
+		p.must(p.writeHeaders(id, false, reqFields("POST", "/upload")))
+		p.must(p.write(func() error { return p.fr.WriteData(id, false, []byte("hi")) }))
+		p.must(p.writeHeaders(id, true, fields(name, "2")))
+		if s := p.response(id); s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
+			t.Errorf("trailer %s: rst %v status %q, want RST_STREAM PROTOCOL_ERROR only; frames: %s", name, s.rst, s.status(), p.history())
+		}
+		id += 2
+	}
+	p.must(p.writeHeaders(id, false, reqFields("POST", "/upload")))
+	p.must(p.writeHeaders(id, true, fields("x-checksum", "abc")))
+	if s := p.response(id); s.status() != "200" {
+		t.Fatalf("well-formed trailers: %s; frames: %s", s.status(), p.history())
+	}
+	if got := recv(t, complete, "the well-formed request"); got != id {
+		t.Errorf("the backend got request %d first, want only %d", got, id)
+	}
+}

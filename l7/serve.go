@@ -328,6 +328,14 @@ func (c *clientConn) rewrite(pr *httputil.ProxyRequest) {
 	// fills in In's values when the body ends. Copy them over then, in
 	// the goroutine that reads the body, which is the one the transport
 	// sends the trailers from once it sees the end.
+	//
+	// Forwarding headers sent as trailers are not passed on either: a
+	// backend that merges trailers into the headers would believe them.
+	for k := range pr.Out.Trailer {
+		if forwardingName(k) {
+			delete(pr.Out.Trailer, k)
+		}
+	}
 	if len(pr.Out.Trailer) > 0 && pr.Out.Body != nil && pr.Out.Body != http.NoBody {
 		pr.Out.Body = &trailerBody{ReadCloser: pr.Out.Body, in: pr.In, out: pr.Out.Trailer}
 	}
@@ -351,6 +359,17 @@ func spellsForwarding(name string) bool {
 		}
 	}
 	return false
+}
+
+// forwardingName reports whether name, in any case, is one of the
+// forwarding headers the proxy sets, Forwarded, or one of their
+// underscore spellings.
+func forwardingName(name string) bool {
+	switch strings.ToLower(name) {
+	case "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "forwarded":
+		return true
+	}
+	return spellsForwarding(name)
 }
 
 // trailerBody copies a request's trailers, which arrive with the end of
