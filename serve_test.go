@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	_ "github.com/mattn/go-sqlite3"
 
 	"github.com/portcullis/portcullis/rpc"
@@ -169,6 +171,98 @@ func TestServeGraceExpires(t *testing.T) {
 	}
 	if log := d.log(); countLines(log, "grace period over") != 1 {
 		t.Errorf("no \"grace period over\" line:\n%s", log)
+	}
+}
+
+// TestServeSIGTERMDrainsWebSocket: a WebSocket through an L7 route is a
+// live connection like an L4 relay: after SIGTERM it keeps carrying
+// messages until it ends, within shutdown_grace, rather than being cut
+// when the drain begins (HAProxy's soft stop and nginx's graceful quit
+// keep upgraded connections too).
+func TestServeSIGTERMDrainsWebSocket(t *testing.T) {
+	var up websocket.Upgrader
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	be := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(time.Minute))
+		for {
+			mt, msg, err := c.ReadMessage()
+			if err != nil {
+				return
+			}
+			if err := c.WriteMessage(mt, msg); err != nil {
+				return
+			}
+		}
+	})}
+	go be.Serve(ln)
+	t.Cleanup(func() { be.Close() })
+
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "ws.test")
+	env := newEnv(t)
+	proxyAddr := freeAddr(t)
+	env.writeConfig(t, "20s", fmt.Sprintf(`[[listener]]
+name = "public"
+listen = %q
+
+  [[listener.route]]
+  sni = "ws.test"
+  mode = "l7"
+  tls_cert = %q
+  tls_key = %q
+  backend = %q
+  backend_protocol = "http1"
+`, proxyAddr, leaf.CertFile, leaf.KeyFile, ln.Addr().String()))
+	d := env.start(t)
+
+	dialer := websocket.Dialer{
+		NetDialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp", proxyAddr)
+		},
+		TLSClientConfig:  &tls.Config{RootCAs: ca.Pool(), ServerName: "ws.test"},
+		HandshakeTimeout: 10 * time.Second,
+	}
+	ws, _, err := dialer.Dial("wss://ws.test/", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	ws.SetReadDeadline(time.Now().Add(30 * time.Second)) // fail rather than hang
+	echo := func(msg string) error {
+		if err := ws.WriteMessage(websocket.TextMessage, []byte(msg)); err != nil {
+			return err
+		}
+		_, got, err := ws.ReadMessage()
+		if err == nil && string(got) != msg {
+			err = fmt.Errorf("echo %q, want %q", got, msg)
+		}
+		return err
+	}
+	if err := echo("before"); err != nil {
+		t.Fatal(err)
+	}
+
+	d.signal(t, syscall.SIGTERM)
+	d.waitLog(t, 1, "shutting down: draining connections")
+	waitRefused(t, proxyAddr)
+	if err := echo("during the drain"); err != nil {
+		t.Fatalf("WebSocket cut when the drain began, %s before the end of shutdown_grace: %v", "20s", err)
+	}
+	ws.Close()
+
+	if code := d.wait(t, 15*time.Second); code != 0 {
+		t.Fatalf("exit code %d, want 0", code)
+	}
+	if log := d.log(); countLines(log, "grace period over") != 0 {
+		t.Errorf("connections were cut although they finished within the grace period:\n%s", log)
 	}
 }
 

@@ -406,19 +406,26 @@ func TestWebSocket(t *testing.T) {
 			}
 		}
 	})
-	t.Run("cut when ServeConn is cancelled", func(t *testing.T) {
+	t.Run("runs on through a drain until the caller cuts", func(t *testing.T) {
 		h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "http1"})
 		p := startProxy(t, h, false)
-		addr, cancel := p.addr, p.cancel
-		ws, _, err := dial(t, addr)
+		ws, _, err := dial(t, p.addr)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer ws.Close()
 		ws.SetReadDeadline(time.Now().Add(20 * time.Second)) // fail rather than hang
-		cancel()
-		// An upgraded connection has no graceful close; the read
-		// fails once ServeConn cuts it.
+		p.cancel()
+		// An upgraded connection has no graceful close: like an L4
+		// relay it carries on through the drain...
+		if err := ws.WriteMessage(websocket.TextMessage, []byte("draining")); err != nil {
+			t.Fatal(err)
+		}
+		if _, got, err := ws.ReadMessage(); err != nil || string(got) != "draining" {
+			t.Fatalf("echo during the drain: %q, %v", got, err)
+		}
+		// ...until the caller closes it at the end of its grace.
+		p.cut()
 		_, _, err = ws.ReadMessage()
 		if ne, ok := err.(net.Error); err == nil || ok && ne.Timeout() {
 			t.Fatalf("read on a connection that should be cut: %v", err)

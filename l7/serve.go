@@ -12,7 +12,6 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -74,10 +73,10 @@ func (ci *ConnInfo) misdirected(authority string) bool {
 // Cancelling ctx starts a graceful close: HTTP/2 gets GOAWAY, HTTP/1.1
 // closes after the response in flight (a connection still in its TLS
 // handshake, or yet to send its first request, gets that one answered),
-// idle connections close at once, and
-// an upgraded connection (WebSocket), which has no graceful close, is cut.
-// Requests in flight run to completion; to bound that, the caller closes
-// conn (the proxy does when its shutdown grace ends), which makes
+// and idle connections close at once. Requests in flight run to
+// completion, and an upgraded connection (WebSocket), which has no
+// graceful close, runs on like an L4 relay; to bound that, the caller
+// closes conn (the proxy does when its shutdown grace ends), which makes
 // ServeConn return promptly.
 //
 // conn is closed before ServeConn returns, and no request handler is
@@ -136,9 +135,9 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 	// idle connection closes at once, and a fresh one (accepted before
 	// the drain, handshake just done) still has its first request
 	// answered, which Shutdown would drop unanswered. An upgraded
-	// (hijacked) connection has no graceful close and is cut.
+	// (hijacked) connection has no graceful close: it runs on until it
+	// ends or the caller closes conn.
 	h2 := tc.ConnectionState().NegotiatedProtocol == "h2"
-	var hijacked atomic.Bool
 	var stop func() bool
 	drained := make(chan struct{})
 	srv := &http.Server{
@@ -156,9 +155,6 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 				defer close(drained)
 				if !h2 {
 					srv.SetKeepAlivesEnabled(false)
-					if hijacked.Load() {
-						conn.Close()
-					}
 					return
 				}
 				// Shutdown returns once the connection is done, or
@@ -169,10 +165,6 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 		case http.StateHijacked:
 			// An upgrade: no longer the server's; its handler runs on
 			// and c.finish waits for it.
-			hijacked.Store(true)
-			if ctx.Err() != nil {
-				conn.Close() // upgraded during the drain
-			}
 			l.connDone()
 		case http.StateClosed:
 			l.connDone()
