@@ -272,6 +272,7 @@ func (m *Manager) Status() Status {
 
 func (m *Manager) record(trigger, result string, err error) {
 	now := time.Now()
+	failedBefore := m.status.LastResult == "failure"
 	m.status.LastAttempt = now
 	m.status.LastTrigger = trigger
 	m.status.LastResult = result
@@ -292,6 +293,12 @@ func (m *Manager) record(trigger, result string, err error) {
 		m.log.Info("configuration loaded", "trigger", trigger, "hash", m.status.Hash[:12], "path", m.opts.Path)
 	case "unchanged":
 		m.metrics.lastOK.Set(1)
-		m.log.Debug("configuration unchanged", "trigger", trigger)
+		if failedBefore {
+			// The file is back to what is serving: say so where the
+			// failure was said, or the error stays the last word.
+			m.log.Info("configuration unchanged: the file matches the configuration serving again", "trigger", trigger, "hash", m.status.Hash[:12], "path", m.opts.Path)
+		} else {
+			m.log.Debug("configuration unchanged", "trigger", trigger)
+		}
 	}
 }

@@ -264,6 +264,31 @@ func TestBrokenFileKeepsServing(t *testing.T) {
 	}
 }
 
+// TestBrokenFileRevertedIsLogged: a broken save logs an error; saving the
+// serving content back is an "unchanged" reload, which must also be
+// logged at info level. Otherwise the last line an operator (or a log
+// alert) sees about the config stays "reload failed" although the file
+// is good again.
+func TestBrokenFileRevertedIsLogged(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	var logs syncBuffer
+	r := &rig{t: t, dir: t.TempDir(), log: slog.New(slog.NewTextHandler(&logs, nil))}
+	r.path = filepath.Join(r.dir, "portcullis.toml")
+	r.write(appConfig(a))
+	r.start()
+	r.await("l", "A")
+
+	r.write(appConfig(a) + "\nbogus_key = 1\n")
+	testnet.WaitFor(t, "failure counted", func() bool { return r.count("failure") == 1 })
+	r.write(appConfig(a))
+	testnet.WaitFor(t, "unchanged counted", func() bool { return r.count("unchanged") == 1 })
+	out := logs.String()
+	failed := strings.LastIndex(out, "reload failed")
+	if failed < 0 || !strings.Contains(out[failed:], "\ntime=") || !strings.Contains(out[failed:], "level=INFO") {
+		t.Fatalf("no info line after the broken save was reverted:\n%s", out)
+	}
+}
+
 func freePort(t *testing.T) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
