@@ -180,8 +180,9 @@ wait:
 	// up while connections drain, so operators can watch the drain.
 	dctx, dcancel := context.WithTimeout(context.Background(), grace)
 	defer dcancel()
-	if err := srv.Shutdown(dctx); errors.Is(err, context.DeadlineExceeded) {
-		log.Warn("grace period over: closed remaining connections")
+	var cut *proxy.CutError
+	if err := srv.Shutdown(dctx); errors.As(err, &cut) {
+		log.Warn("grace period over: closed remaining connections", "connections", cut.Connections)
 	}
 	if admin != nil {
 		admin.Stop()

@@ -169,8 +169,8 @@ func TestServeGraceExpires(t *testing.T) {
 	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("client connection still open after the daemon exited: %v", err)
 	}
-	if log := d.log(); countLines(log, "grace period over") != 1 {
-		t.Errorf("no \"grace period over\" line:\n%s", log)
+	if log := d.log(); countLines(log, "grace period over") != 1 || countLines(log, "connections=1") != 1 {
+		t.Errorf("no \"grace period over\" line saying 1 connection was closed:\n%s", log)
 	}
 }
 

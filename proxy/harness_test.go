@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -187,7 +188,7 @@ func (h *harness) shutdownCutting(grace time.Duration, what string) {
 	go func() { done <- h.srv.Shutdown(ctx) }()
 	select {
 	case err := <-done:
-		if err != context.DeadlineExceeded {
+		if !errors.Is(err, context.DeadlineExceeded) {
 			h.t.Fatalf("Shutdown = %v, want DeadlineExceeded", err)
 		}
 	case <-time.After(10 * time.Second):

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -675,8 +676,9 @@ func TestShutdownGraceExpires(t *testing.T) {
 	h, c := activeRelay(t, hello, "stuck.test", backend)
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	if err := h.srv.Shutdown(ctx); err != context.DeadlineExceeded {
-		t.Fatalf("Shutdown = %v, want DeadlineExceeded", err)
+	var cut *CutError
+	if err := h.srv.Shutdown(ctx); !errors.As(err, &cut) || !errors.Is(err, context.DeadlineExceeded) || cut.Connections != 1 {
+		t.Fatalf("Shutdown = %v, want a CutError for 1 connection wrapping DeadlineExceeded", err)
 	}
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Read(make([]byte, 1)); err == nil {

@@ -256,8 +256,8 @@ func (s *Server) Status() []ListenerStatus {
 }
 
 // Shutdown stops accepting, lets live connections finish until ctx is
-// done, then closes the rest. It returns ctx.Err() if connections had to
-// be cut.
+// done, then closes the rest. If connections had to be cut it returns a
+// *CutError wrapping ctx.Err().
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing = true
@@ -284,7 +284,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			<-done
 			break
 		}
-		err = ctx.Err()
+		err = &CutError{Connections: s.live.Load(), Err: ctx.Err()}
 		s.cancelHard()
 		<-done
 	}
@@ -294,6 +294,19 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	return err
 }
+
+// CutError is Shutdown's error when its context ended before every
+// connection did: Connections were still live and have been closed.
+type CutError struct {
+	Connections int64
+	Err         error // the context's
+}
+
+func (e *CutError) Error() string {
+	return fmt.Sprintf("proxy: closed %d connection(s) still live: %v", e.Connections, e.Err)
+}
+
+func (e *CutError) Unwrap() error { return e.Err }
 
 // serveListener is the accept loop of one socket.
 func (s *Server) serveListener(rl *runningListener) {
