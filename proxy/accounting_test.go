@@ -247,3 +247,28 @@ func TestNoRouteLogNamesSNI(t *testing.T) {
 		t.Fatalf("no_route line %v does not name the SNI", line)
 	}
 }
+
+// TestReloadAnnouncesListeners: a listener a reload adds or removes is
+// logged, with its name and address, as the ones opened at start are.
+func TestReloadAnnouncesListeners(t *testing.T) {
+	a := "[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\n" + routeTOML("a.test", "127.0.0.1:1")
+	b := "[[listener]]\nname = \"b\"\nlisten = \"127.0.0.2:0\"\n" + routeTOML("b.test", "127.0.0.1:1")
+	h, sink := startLoggedProxy(t, a)
+	count := func(msg, listener string) int {
+		n := 0
+		for _, l := range sink.lines() {
+			if l["msg"] == msg && l["listener"] == listener && l["addr"] != "" {
+				n++
+			}
+		}
+		return n
+	}
+	h.apply(a + b)
+	if count("listening", "b") != 1 || count("listening", "a") != 0 {
+		t.Fatalf("after adding b: want one \"listening\" line for b and none for a (announced by the caller at start):\n%v", sink.lines())
+	}
+	h.apply(a)
+	if count("listener closed", "b") != 1 || count("listener closed", "a") != 0 {
+		t.Fatalf("after removing b: want one \"listener closed\" line for b:\n%v", sink.lines())
+	}
+}

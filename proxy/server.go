@@ -185,6 +185,14 @@ func (s *Server) ApplyWith(snap *Snapshot, commit func() error) error {
 		<-rl.done
 	}
 	if prev != nil {
+		// The first snapshot's sockets are announced by the caller once
+		// the daemon is up; a reload's are announced here.
+		for _, rl := range opened {
+			s.log.Info("listening", "listener", snap.listeners[rl.addr].name, "addr", rl.ln.Addr())
+		}
+		for _, rl := range removed {
+			s.log.Info("listener closed", "listener", prev.listeners[rl.addr].name, "addr", rl.ln.Addr())
+		}
 		prev.retire(snap)
 		s.metrics.forget(prev, snap, s.l7metrics)
 	}
