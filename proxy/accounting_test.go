@@ -272,3 +272,39 @@ func TestReloadAnnouncesListeners(t *testing.T) {
 		t.Fatalf("after removing b: want one \"listener closed\" line for b:\n%v", sink.lines())
 	}
 }
+
+// TestMaxConnectionsLogNamesClient: the rejection line at the cap names
+// the client (the peer, on a listener without PROXY protocol).
+func TestMaxConnectionsLogNamesClient(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "cap.test"})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.Copy(io.Discard, c)
+	})
+	h, sink := startLoggedProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nmax_connections = 1\n"+routeTOML("cap.test", backend))
+	first, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	first.Write(hello)
+	testnet.WaitFor(t, "the first connection", func() bool { return h.srv.Status()[0].Active == 1 })
+	second, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	var line map[string]any
+	testnet.WaitFor(t, "the max_connections line", func() bool {
+		for _, l := range sink.lines() {
+			if l["reason"] == "max_connections" {
+				line = l
+				return true
+			}
+		}
+		return false
+	})
+	if line["client"] != second.LocalAddr().String() {
+		t.Fatalf("max_connections line %v: client want %s", line, second.LocalAddr())
+	}
+}

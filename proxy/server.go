@@ -351,7 +351,13 @@ func (s *Server) serveListener(rl *runningListener) {
 		// Only this goroutine increments active, so check-then-add
 		// cannot overshoot the cap.
 		if lc.maxConns > 0 && rl.active.Load() >= lc.maxConns {
-			s.reject(rl, lc, c, reasonMaxConnections, netip.AddrPort{}, nil)
+			// The peer is the client unless a PROXY header, not read
+			// at the cap, would have named another.
+			var client netip.AddrPort
+			if !lc.proxyProtocol {
+				client = c.RemoteAddr().(*net.TCPAddr).AddrPort()
+			}
+			s.reject(rl, lc, c, reasonMaxConnections, client, nil)
 			continue
 		}
 		rl.active.Add(1)
