@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net/http"
@@ -170,4 +171,185 @@ func startsThenCounts() http.Handler {
 		n, err := io.Copy(io.Discard, r.Body)
 		fmt.Fprintf(w, "got %d bytes, err %v\n", n, err)
 	})
+}
+
+// rawH1Backend is an http1 backend that answers every request with resp,
+// written as is on the hijacked connection, which it then closes: a
+// backend that breaks HTTP/1.1 in ways net/http's server will not.
+func rawH1Backend(t *testing.T, pki *testPKI, resp string) *testBackend {
+	t.Helper()
+	return startBackend(t, pki, beHTTP1, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		brw.WriteString(resp)
+		brw.Flush()
+	}))
+}
+
+// rawH2Backend is an h2c backend that answers every request with respond,
+// frame by frame.
+func rawH2Backend(t *testing.T, respond func(p *h2Peer, id uint32)) *testBackend {
+	t.Helper()
+	addr := startRawBackend(t, nil, nil, func(p *h2Peer) {
+		p.serveRequests(func(id uint32, _ *h2Stream) { respond(p, id) })
+	})
+	return &testBackend{addr: addr}
+}
+
+// Trailers that may not be trailers (RFC 9110, 6.5.1) — framing,
+// routing, connection fields — are not passed on to the client when a
+// backend sends them undeclared, as net/http's HTTP/2 server already
+// drops them: its HTTP/1.1 server wrote them into the chunked trailer
+// section, where a client that merges trailers into the header section
+// (as Apache once did, CVE-2013-5704) believes them.
+func TestResponseTrailersNotAllowed(t *testing.T) {
+	bad := []string{"content-length", "99", "transfer-encoding", "chunked", "host", "evil.test", "connection", "close", "set-cookie", "ok=1", "x-checksum", "abc123"}
+	for _, tc := range []struct {
+		name    string
+		backend func(t *testing.T, pki *testPKI) *testBackend
+		proto   string
+	}{
+		{"h2c", func(t *testing.T, _ *testPKI) *testBackend {
+			return rawH2Backend(t, func(p *h2Peer, id uint32) {
+				p.writeHeaders(id, false, fields(":status", "200"))
+				p.write(func() error { return p.fr.WriteData(id, false, []byte("body")) })
+				p.writeHeaders(id, true, fields(bad...))
+			})
+		}, beH2C},
+		{"http1", func(t *testing.T, pki *testPKI) *testBackend {
+			var tr strings.Builder
+			for i := 0; i < len(bad); i += 2 {
+				fmt.Fprintf(&tr, "%s: %s\r\n", bad[i], bad[i+1])
+			}
+			return rawH1Backend(t, pki, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n"+tr.String()+"\r\n")
+		}, beHTTP1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			pki := newTestPKI(t)
+			be := tc.backend(t, pki)
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: tc.proto})
+			addr := startProxy(t, h, false).addr
+			c, _ := newClient(t, pki, addr, false, "")
+
+			res, err := c.Get(url + "/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, err := io.ReadAll(res.Body)
+			res.Body.Close()
+			if err != nil || string(body) != "body" {
+				t.Fatalf("body %q, %v", body, err)
+			}
+			want := http.Header{"Set-Cookie": {"ok=1"}, "X-Checksum": {"abc123"}}
+			if fmt.Sprint(res.Trailer) != fmt.Sprint(want) {
+				t.Errorf("trailers %v, want %v", res.Trailer, want)
+			}
+		})
+	}
+}
+
+// A backend's status outside what HTTP can carry (net/http's transports
+// take any three digits from an HTTP/1.1 backend and any number from an
+// HTTP/2 one) gets the client 502, not a connection closed without a
+// response, which is what net/http's server does when asked to write it.
+func TestBackendStatusOutOfRange(t *testing.T) {
+	h2Status := func(status string) func(t *testing.T, pki *testPKI) *testBackend {
+		return func(t *testing.T, _ *testPKI) *testBackend {
+			return rawH2Backend(t, func(p *h2Peer, id uint32) {
+				p.writeHeaders(id, false, fields(":status", status, "content-length", "2"))
+				p.write(func() error { return p.fr.WriteData(id, true, []byte("ok")) })
+			})
+		}
+	}
+	for _, tc := range []struct {
+		name     string
+		backend  func(t *testing.T, pki *testPKI) *testBackend
+		proto    string
+		clientH2 bool
+	}{
+		{"http1/099", func(t *testing.T, pki *testPKI) *testBackend {
+			return rawH1Backend(t, pki, "HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok")
+		}, beHTTP1, false},
+		{"http1/099/h2client", func(t *testing.T, pki *testPKI) *testBackend {
+			return rawH1Backend(t, pki, "HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok")
+		}, beHTTP1, true},
+		{"h2c/042", h2Status("042"), beH2C, false},
+		{"h2c/1000", h2Status("1000"), beH2C, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			pki := newTestPKI(t)
+			be := tc.backend(t, pki)
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: tc.proto})
+			addr := startProxy(t, h, false).addr
+			c, _ := newClient(t, pki, addr, tc.clientH2, "")
+			res, err := c.Get(url + "/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != http.StatusBadGateway {
+				t.Errorf("status %d %q, want 502", res.StatusCode, body)
+			}
+		})
+	}
+}
+
+// Informational responses reach the client only when it can read them: an
+// HTTP/1.0 client gets none (RFC 9110, 15.2), as the backend, spoken to
+// in HTTP/1.1, cannot know; and a 101 from an HTTP/2 backend, which
+// HTTP/2 does not have (RFC 9113, 8.6) and net/http's transport hands on
+// as informational, is not taken for the final response.
+func TestInformationalResponses(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		status string // of the informational response
+		proto  string // the client's request line
+		want   []int  // the responses the client reads, in order
+	}{
+		{"103/HTTP1.1", "103", "HTTP/1.1", []int{103, 200}},
+		{"103/HTTP1.0", "103", "HTTP/1.0", []int{200}},
+		{"100/HTTP1.0", "100", "HTTP/1.0", []int{200}},
+		{"101/HTTP1.1", "101", "HTTP/1.1", []int{200}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			pki := newTestPKI(t)
+			be := rawH2Backend(t, func(p *h2Peer, id uint32) {
+				p.writeHeaders(id, false, fields(":status", tc.status, "link", "</style.css>; rel=preload"))
+				p.writeHeaders(id, false, fields(":status", "200", "content-length", "2"))
+				p.write(func() error { return p.fr.WriteData(id, true, []byte("ok")) })
+			})
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: beH2C})
+			addr := startProxy(t, h, false).addr
+
+			conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pki.pool, ServerName: frontName, NextProtos: []string{"http/1.1"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(rawWait))
+			fmt.Fprintf(conn, "GET / %s\r\nHost: %s\r\n\r\n", tc.proto, frontName)
+			br := bufio.NewReader(conn)
+			var got []int
+			for {
+				res, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatalf("after %v: %v", got, err)
+				}
+				got = append(got, res.StatusCode)
+				if res.StatusCode >= 200 || res.StatusCode == http.StatusSwitchingProtocols {
+					break
+				}
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+				t.Errorf("responses %v, want %v", got, tc.want)
+			}
+		})
+	}
 }

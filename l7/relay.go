@@ -164,6 +164,10 @@ type relayStream struct {
 	// bodyLeft is how much of the request's content-length its DATA
 	// has yet to bring; -1 without one.
 	bodyLeft int64
+	// resLeft is the same for the response: what its content-length
+	// has yet to bring, 0 for a response without content (HEAD, 204,
+	// 304), -1 without a content-length.
+	resLeft int64
 }
 
 // dialRelayBackend dials the backend for one client connection and

@@ -78,32 +78,28 @@ func (r *relay) backendHeaders(f *headerBlock) {
 		return
 	}
 	bad := f.truncated
-	if st.code == 0 {
+	trailers := st.code != 0
+	if !trailers {
 		code := parseStatus(f.pseudoValue("status"))
 		switch {
 		case code == 0 || f.pseudo != pseudoStatus || (code < 200 && f.endStream):
 			bad = true
 		case code >= 200:
+			left, ok := responseLength(f, code, st.head)
+			if !ok || f.endStream && left > 0 {
+				bad = true
+				break
+			}
 			st.code = code
+			st.resLeft = left
 			st.timeout.Stop()
 			r.earlyResets = max(0, r.earlyResets-1)
 		}
-	} else if !f.endStream || f.pseudo != 0 {
+	} else if !f.endStream || f.pseudo != 0 || st.resLeft > 0 {
 		bad = true // trailers end the stream and have no pseudo-headers
 	}
 	if bad {
-		r.removeLocked(st, http.StatusBadGateway)
-		r.mu.Unlock()
-		r.backendError(kindOther, errors.New("malformed or oversized response headers"))
-		b := r.backend
-		b.write(func() error { return b.fr.WriteRSTStream(id, http2.ErrCodeProtocol) })
-		if st.code == 0 {
-			r.answer(id, http.StatusBadGateway, st.reqDone, st.head)
-		} else {
-			c := r.client
-			c.write(func() error { return c.fr.WriteRSTStream(id, http2.ErrCodeInternal) })
-		}
-		r.endIfDone()
+		r.malformedResponseLocked(st, errors.New("malformed or oversized response headers"))
 		return
 	}
 	end := f.endStream
@@ -111,11 +107,32 @@ func (r *relay) backendHeaders(f *headerBlock) {
 		r.endLocked(st, &st.resDone)
 	}
 	r.mu.Unlock()
+	fields := responseFields(f, trailers)
 	c := r.client
-	c.write(func() error { return c.writeHeaders(id, f.fields, end, http2.PriorityParam{}) })
+	c.write(func() error { return c.writeHeaders(id, fields, end, http2.PriorityParam{}) })
 	if end {
 		r.finalSent()
 	}
+}
+
+// malformedResponseLocked ends a stream whose response is malformed
+// (RFC 9113, 8.1.1): reset at the backend, and answered 502 or, if its
+// headers have gone out, reset at the client, so that it cannot pass for
+// a whole response. Entered with r.mu held; it releases it.
+func (r *relay) malformedResponseLocked(st *relayStream, err error) {
+	id := st.id
+	r.removeLocked(st, http.StatusBadGateway)
+	r.mu.Unlock()
+	r.backendError(kindOther, err)
+	b := r.backend
+	b.write(func() error { return b.fr.WriteRSTStream(id, http2.ErrCodeProtocol) })
+	if st.code == 0 {
+		r.answer(id, http.StatusBadGateway, st.reqDone, st.head)
+	} else {
+		c := r.client
+		c.write(func() error { return c.fr.WriteRSTStream(id, http2.ErrCodeInternal) })
+	}
+	r.endIfDone()
 }
 
 func (r *relay) backendData(f *http2.DataFrame) {
@@ -124,6 +141,14 @@ func (r *relay) backendData(f *http2.DataFrame) {
 	st := r.streams[id]
 	ok := st != nil && st.code != 0 && !st.resDone
 	end := ok && f.StreamEnded()
+	if ok && st.resLeft >= 0 {
+		st.resLeft -= int64(len(f.Data()))
+		if st.resLeft < 0 || end && st.resLeft > 0 {
+			r.backend.credit(f.Length) // not forwarded
+			r.malformedResponseLocked(st, errors.New("response body disagrees with its content-length"))
+			return
+		}
+	}
 	if end {
 		r.endLocked(st, &st.resDone)
 	}

@@ -141,6 +141,49 @@ func trailerFields(f *headerBlock) ([]hpack.HeaderField, bool) {
 	return out, true
 }
 
+// responseFields returns the fields of a response's header block, or of
+// its trailers, that the client gets: not the connection-specific ones,
+// which make an HTTP/2 message malformed (RFC 9113, 8.2.2) and which
+// net/http's transport drops on the general path, as nginx does; nor,
+// in trailers, fields that may not be trailers (RFC 9110, 6.5.1), which
+// net/http's server drops there. The fields are f's, filtered in place.
+func responseFields(f *headerBlock, trailers bool) []hpack.HeaderField {
+	out := f.fields[:0]
+	for _, hf := range f.fields {
+		switch {
+		case hf.IsPseudo():
+		case connectionSpecific(hf.Name):
+			continue
+		case trailers && !httpguts.ValidTrailerHeader(hf.Name):
+			continue
+		}
+		out = append(out, hf)
+	}
+	return out
+}
+
+// connectionSpecific reports whether name (in lower case) is a field
+// HTTP/2 does not allow (RFC 9113, 8.2.2).
+func connectionSpecific(name string) bool {
+	switch name {
+	case "connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade":
+		return true
+	}
+	return false
+}
+
+// responseLength returns how much content a response with status code
+// must bring: 0 if it has none (RFC 9110, 6.4.1), whatever its
+// content-length, which then describes the response a GET would have
+// had; else its content-length, -1 without one. ok is false as for
+// requestLength.
+func responseLength(b *headerBlock, code int, head bool) (n int64, ok bool) {
+	if head || code == http.StatusNoContent || code == http.StatusNotModified {
+		return 0, true
+	}
+	return requestLength(b)
+}
+
 // requestLength returns a request's content-length, -1 if it has none.
 // ok is false if a content-length is not a number, or two disagree.
 func requestLength(b *headerBlock) (n int64, ok bool) {

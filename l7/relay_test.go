@@ -2745,3 +2745,105 @@ func TestRelayMalformedTrailers(t *testing.T) {
 		t.Errorf("the backend got request %d first, want only %d", got, id)
 	}
 }
+
+// A backend's response fields the client must not get are dropped, as
+// on the general path (net/http's HTTP/2 transport and server drop them
+// there) and as nginx does: connection-specific fields, which make an
+// HTTP/2 message malformed (RFC 9113, 8.2.2) so that browsers fail the
+// request, and trailers that may not be trailers (RFC 9110, 6.5.1).
+func TestRelayResponseFieldsNotForwarded(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	addr := startRawBackend(t, nil, nil, func(p *h2Peer) {
+		p.serveRequests(func(id uint32, s *h2Stream) {
+			p.writeHeaders(id, false, fields(":status", "200",
+				"connection", "keep-alive", "keep-alive", "timeout=5", "proxy-connection", "keep-alive",
+				"transfer-encoding", "chunked", "upgrade", "h2c", "x-kept", "yes"))
+			p.sendData(id, []byte("body"), 100, nil, false)
+			p.writeHeaders(id, true, fields("content-length", "99", "host", "evil.test",
+				"transfer-encoding", "chunked", "x-checksum", "abc123"))
+		})
+	})
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c"})
+	p.get(1, "/")
+	s := p.response(1)
+	if s.status() != "200" || s.body.String() != "body" || s.rst != nil {
+		t.Fatalf("%s %q rst %v; frames: %s", s.status(), s.body.String(), s.rst, p.history())
+	}
+	if got, want := fmt.Sprint(s.header), fmt.Sprint(fields(":status", "200", "x-kept", "yes")); got != want {
+		t.Errorf("response header %s, want %s", got, want)
+	}
+	if got, want := fmt.Sprint(s.trailer), fmt.Sprint(fields("x-checksum", "abc123")); got != want {
+		t.Errorf("response trailers %s, want %s", got, want)
+	}
+}
+
+// A response whose DATA disagrees with its content-length is malformed
+// (RFC 9113, 8.1.1), and an intermediary must not forward it: the
+// client's stream is reset rather than ended, so that a body cut short
+// by a backend cannot pass for a whole one (net/http's transport makes
+// the same check on the general path). Responses without content
+// (HEAD, 304) carry the length of the one they stand for.
+func TestRelayResponseContentLengthMismatch(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	addr := startRawBackend(t, nil, nil, func(p *h2Peer) {
+		p.serveRequests(func(id uint32, s *h2Stream) {
+			switch fieldValue(s.header, ":path") {
+			case "/short":
+				p.writeHeaders(id, false, fields(":status", "200", "content-length", "10"))
+				p.sendData(id, []byte("hello"), 100, nil, true)
+			case "/long":
+				p.writeHeaders(id, false, fields(":status", "200", "content-length", "2"))
+				p.sendData(id, []byte("hello"), 100, nil, true)
+			case "/none":
+				p.writeHeaders(id, true, fields(":status", "200", "content-length", "5"))
+			case "/trailers":
+				p.writeHeaders(id, false, fields(":status", "200", "content-length", "10"))
+				p.sendData(id, []byte("hello"), 100, nil, false)
+				p.writeHeaders(id, true, fields("x-checksum", "abc"))
+			case "/not-modified":
+				p.writeHeaders(id, true, fields(":status", "304", "content-length", "5"))
+			case "/head":
+				p.writeHeaders(id, true, fields(":status", "200", "content-length", "5"))
+			default:
+				p.writeHeaders(id, false, fields(":status", "200", "content-length", "5"))
+				p.sendData(id, []byte("hello"), 100, nil, true)
+			}
+		})
+	})
+	p := dialRelay(t, pki, Options{Backend: addr, Protocol: "h2c"})
+
+	for _, tc := range []struct {
+		id   uint32
+		path string
+		rst  bool   // the client's stream is reset
+		code string // else its status
+	}{
+		{1, "/short", true, ""},
+		{3, "/long", true, ""},
+		{5, "/none", false, "502"},
+		{7, "/trailers", true, ""},
+		{9, "/not-modified", false, "304"},
+	} {
+		p.get(tc.id, tc.path)
+		s := p.response(tc.id)
+		if tc.rst {
+			if s.rst == nil || s.ended {
+				t.Errorf("%s: rst %v, ended %v; want the stream reset, not ended; frames: %s", tc.path, s.rst, s.ended, p.history())
+			}
+			continue
+		}
+		if s.rst != nil || s.status() != tc.code {
+			t.Errorf("%s: status %q rst %v, want %s; frames: %s", tc.path, s.status(), s.rst, tc.code, p.history())
+		}
+	}
+	p.must(p.writeHeaders(11, true, reqFields("HEAD", "/head")))
+	if s := p.response(11); s.rst != nil || s.status() != "200" || fieldValue(s.header, "content-length") != "5" {
+		t.Errorf("HEAD: status %q rst %v, want 200 with content-length 5; frames: %s", s.status(), s.rst, p.history())
+	}
+	p.get(13, "/ok")
+	if s := p.response(13); s.rst != nil || s.status() != "200" || s.body.String() != "hello" {
+		t.Errorf("a well-formed response: %s %q rst %v; frames: %s", s.status(), s.body.String(), s.rst, p.history())
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -270,7 +271,17 @@ type roundTripperFunc func(*http.Request) (*http.Response, error)
 func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 func (c *clientConn) roundTrip(req *http.Request) (*http.Response, error) {
-	return c.h.roundTripWithTimeout(c.rt, req)
+	res, err := c.h.roundTripWithTimeout(c.rt, req)
+	if err == nil && (res.StatusCode < 100 || res.StatusCode > 999) {
+		// net/http's transports take any three digits from an HTTP/1.1
+		// backend and any number from an HTTP/2 one, but its server
+		// panics on a status it cannot write, which closes the client's
+		// connection without a response: 502 instead, as the relay
+		// answers.
+		res.Body.Close()
+		return nil, fmt.Errorf("backend sent status %d", res.StatusCode)
+	}
+	return res, err
 }
 
 // rewrite points the outbound request at the backend and sets the
@@ -402,7 +413,7 @@ func (c *clientConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	h := c.h
 	start := time.Now()
-	rec := &statusRecorder{ResponseWriter: w}
+	rec := &statusRecorder{ResponseWriter: w, noInfo: !r.ProtoAtLeast(1, 1)}
 	h.metrics.streamStarted()
 	defer func() {
 		h.metrics.streamDone()
@@ -427,6 +438,24 @@ func (c *clientConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.NewResponseController(w).EnableFullDuplex()
 		}
 		c.proxy.ServeHTTP(rec, r)
+		if r.ProtoMajor == 1 {
+			dropForbiddenTrailers(w.Header())
+		}
+	}
+}
+
+// dropForbiddenTrailers removes the trailers a backend sent undeclared
+// that may not be trailers (RFC 9110, 6.5.1: framing, routing,
+// connection fields such as Content-Length, Transfer-Encoding, Host).
+// ReverseProxy passes undeclared trailers on as TrailerPrefix keys, which
+// net/http's HTTP/2 server checks and its HTTP/1.1 server writes into
+// the chunked trailer section as they are, where a client that merges
+// trailers into the header section would believe them.
+func dropForbiddenTrailers(h http.Header) {
+	for k := range h {
+		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok && !httpguts.ValidTrailerHeader(name) {
+			delete(h, k)
+		}
 	}
 }
 
@@ -537,9 +566,20 @@ type statusRecorder struct {
 	http.ResponseWriter
 	code     int
 	hijacked bool
+	noInfo   bool // an HTTP/1.0 client: no 1xx responses (RFC 9110, 15.2)
 }
 
 func (w *statusRecorder) WriteHeader(code int) {
+	// ReverseProxy passes on every informational response the transport
+	// reports, but the backend, asked in HTTP/1.1 or HTTP/2, cannot know
+	// that an HTTP/1.0 client takes the first response for the final
+	// one. A 101 reported so comes from an HTTP/2 backend, which may not
+	// send one (RFC 9113, 8.6), and net/http's server would take it for
+	// the final status; an HTTP/1.1 backend's is an upgrade, which
+	// ReverseProxy writes itself on the hijacked connection.
+	if code >= 100 && code < 200 && (w.noInfo || code == http.StatusSwitchingProtocols) {
+		return
+	}
 	// 1xx responses (100 Continue, 103 Early Hints) are not final.
 	if w.code == 0 && code >= 200 {
 		w.code = code
