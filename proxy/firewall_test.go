@@ -742,3 +742,51 @@ func TestRateLimitLatePROXYHeader(t *testing.T) {
 		t.Errorf("connection after the held one got through within the window: %q", line)
 	}
 }
+
+// TestFirewallCountryLatePROXYHeaderAcrossReloads: a connection's
+// firewall check runs on the snapshot it was accepted with, up to that
+// listener's handshake_timeout after accept when the PROXY header comes
+// late. A reload that keeps the GeoIP file shares the open database, and
+// a later one that replaces the file retires it; the database must stay
+// open for the longest handshake_timeout of every snapshot that shared
+// it, not only of the last one, or a held connection from a blocked
+// country is let through because its lookup finds the database closed.
+func TestFirewallCountryLatePROXYHeaderAcrossReloads(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "pp.test"})
+	backend := sniffBackend(t, hello)
+	dir := t.TempDir()
+	const src = "198.51.100.77"
+	for _, db := range []string{"geo.mmdb", "geo2.mmdb"} {
+		writeCountryDB(t, filepath.Join(dir, db), geoNet{cidr: "198.51.100.0/24", country: "KP"})
+	}
+	cfg := func(db, handshakeTimeout string) string {
+		return fmt.Sprintf("[geoip]\ndatabase = %q\n\n[firewall]\nblock_countries = [\"KP\"]\n", filepath.Join(dir, db)) +
+			ppListenerTOML("pp", "pp.test", backend, fmt.Sprintf("handshake_timeout = %q", handshakeTimeout))
+	}
+	h := startProxy(t, cfg("geo.mmdb", "1m"))
+	addr := h.addr("pp")
+	header := []byte(fmt.Sprintf("PROXY TCP4 %s 192.0.2.1 4242 443\r\n", src))
+	msg := append(append(append([]byte(nil), header...), hello...), afterHello...)
+
+	// The held connection: accepted with a minute to send its header.
+	late := dialFrom(t, "", addr)
+	testnet.WaitFor(t, "the held connection accepted", func() bool {
+		st := h.srv.Status()
+		return len(st) == 1 && st[0].Active == 1
+	})
+	// The same database with a shorter handshake_timeout, then a new
+	// database file (a geoipupdate run followed by SIGHUP).
+	h.apply(cfg("geo.mmdb", "100ms"))
+	h.apply(cfg("geo2.mmdb", "100ms"))
+	// Past the second snapshot's handshake_timeout plus retire's margin,
+	// when the first database used to be closed.
+	time.Sleep(6 * time.Second)
+
+	before := h.rejected("pp", "blocked_country")
+	late.SetDeadline(time.Now().Add(10 * time.Second))
+	late.Write(msg)
+	if line, err := readLine(late); err == nil {
+		t.Fatalf("held connection from a blocked country got through: %q", line)
+	}
+	testnet.WaitFor(t, "blocked_country counted", func() bool { return h.rejected("pp", "blocked_country") == before+1 })
+}

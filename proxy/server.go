@@ -167,6 +167,11 @@ func (s *Server) ApplyWith(snap *Snapshot, commit func() error) error {
 		}
 	}
 
+	if snap.geo != nil {
+		// Connections accepted under snap may check the database this
+		// long after accept, even once a later snapshot shares it.
+		snap.geo.maxWait = max(snap.geo.maxWait, snap.maxWait)
+	}
 	prev := s.current.Swap(snap)
 	for _, rl := range opened {
 		s.listeners[rl.addr] = rl

@@ -23,7 +23,7 @@ type Snapshot struct {
 	rules     *firewall.Rules
 	limiter   *firewall.Limiter // nil: no rate limit
 	geo       *geoHandle        // nil: no GeoIP database
-	maxWait   time.Duration     // longest handshake_timeout, see retire
+	maxWait   time.Duration     // longest handshake_timeout, see geoHandle.maxWait
 }
 
 // Config returns the effective configuration the snapshot was compiled
@@ -61,6 +61,11 @@ type geoHandle struct {
 	path string
 	info os.FileInfo
 	db   *firewall.GeoDB
+	// maxWait is the longest handshake_timeout of the snapshots
+	// published with db: a connection accepted under any of them may
+	// still look a country up that long after accept (see retire).
+	// Guarded by Server.mu.
+	maxWait time.Duration
 }
 
 // compile turns an effective config into a snapshot. prev (may be nil)
@@ -227,9 +232,12 @@ func (s *Snapshot) release(prev *Snapshot) {
 // retire is called when next replaced s. L7 handlers only drop idle
 // backend connections, so requests in flight finish. A GeoIP database
 // that next no longer uses may still be read by a connection accepted
-// just before the swap, whose firewall check comes after its PROXY
-// header (bounded by handshake_timeout); it is closed once that window
-// has passed, so such a connection still gets a verdict.
+// before the swap, whose firewall check comes after its PROXY header
+// (bounded by handshake_timeout); it is closed once that window has
+// passed, so such a connection still gets a verdict. The window is the
+// longest of every snapshot that shared the database, not only s's: a
+// connection accepted under an earlier one with a longer
+// handshake_timeout may still be waiting for its header.
 func (s *Snapshot) retire(next *Snapshot) {
 	for _, lc := range s.order {
 		for _, r := range lc.routes.all {
@@ -240,7 +248,7 @@ func (s *Snapshot) retire(next *Snapshot) {
 	}
 	if s.geo != nil && (next == nil || next.geo != s.geo) {
 		db := s.geo.db
-		time.AfterFunc(s.maxWait+5*time.Second, func() { db.Close() })
+		time.AfterFunc(s.geo.maxWait+5*time.Second, func() { db.Close() })
 	}
 }
 
