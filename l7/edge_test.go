@@ -92,7 +92,7 @@ func TestRelayTrickledFrameNotStalled(t *testing.T) {
 		t.Fatalf("backend's SETTINGS_MAX_FRAME_SIZE %d, want at least %d", mf, size)
 	}
 	// One DATA frame (END_STREAM) whose payload trickles in 1000-byte
-	// pieces, one every idleTestTick: 5 idle timeouts in all.
+	// pieces, one every idleTestTick: 6 idle timeouts in all.
 	sent := make(chan error, 1)
 	go func() {
 		sent <- p.write(func() error {

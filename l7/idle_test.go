@@ -16,11 +16,14 @@ import (
 )
 
 // idleTestTimeout is the idle timeout of the tests below; tick is the
-// pace of the ones whose traffic keeps moving, well inside it.
+// pace of the ones whose traffic keeps moving, well inside it: a tenth,
+// so that a scheduling pause of most of a timeout on a loaded machine
+// (the race detector, packages tested in parallel) is not read as
+// silence.
 const (
-	idleTestTimeout = 300 * time.Millisecond
-	idleTestTick    = idleTestTimeout / 6
-	idleTestTicks   = 30 // 1.5 s: five idle timeouts
+	idleTestTimeout = 600 * time.Millisecond
+	idleTestTick    = idleTestTimeout / 10
+	idleTestTicks   = 30 // 1.8 s: three idle timeouts
 )
 
 // silentMidBody is a backend handler that sends response headers and the
