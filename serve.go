@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	stdlog "log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -48,6 +49,14 @@ func serveCmd(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "portcullis:", err)
 		return 2
 	}
+	// net/http's transports and x/net's HTTP/2 code report a misbehaving
+	// backend ("Unsolicited response received on idle HTTP channel")
+	// through the standard library's logger. Like the L7 handler's own
+	// net/http complaints, those become debug records of the structured
+	// log, not raw lines in it that a log pipeline cannot parse and a
+	// hostile backend could flood.
+	stdlog.SetFlags(0)
+	stdlog.SetOutput(slog.NewLogLogger(log.Handler(), slog.LevelDebug).Writer())
 	if err := serve(*path, log, *pprof); err != nil {
 		log.Error("exiting", "err", err)
 		return 1

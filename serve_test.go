@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -556,4 +557,64 @@ func TestServeConfigMapSymlinkSwap(t *testing.T) {
 		t.Fatalf("after the ..data swap: routed to %q, want B", got)
 	}
 	d.stop(t)
+}
+
+// TestServeStandardLoggerIsStructured: what net/http's transports say
+// through the standard library's logger about a misbehaving backend
+// (here an HTTP/1.1 backend that sends a second response nobody asked
+// for) lands in the daemon's structured log at debug level, not as a raw
+// line a log pipeline cannot parse.
+func TestServeStandardLoggerIsStructured(t *testing.T) {
+	backend := testnet.Backend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		br := bufio.NewReader(c)
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if line == "\r\n" {
+				break
+			}
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+		io.Copy(io.Discard, c)
+	})
+	ca := testpki.NewCA(t)
+	leaf := ca.Leaf(t, "web.test")
+	env := newEnv(t)
+	proxyAddr := freeAddr(t)
+	env.writeConfig(t, "1s", fmt.Sprintf(`[[listener]]
+name = "public"
+listen = %q
+
+  [[listener.route]]
+  sni = "web.test"
+  mode = "l7"
+  tls_cert = %q
+  tls_key = %q
+  backend = %q
+  backend_protocol = "http1"
+`, proxyAddr, leaf.CertFile, leaf.KeyFile, backend))
+	d := env.start(t)
+
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp", proxyAddr)
+		},
+		TLSClientConfig: &tls.Config{RootCAs: ca.Pool(), ServerName: "web.test"},
+	}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get("https://web.test/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+
+	log := d.waitLog(t, 1, "Unsolicited response")
+	for _, line := range strings.Split(log, "\n") {
+		if strings.Contains(line, "Unsolicited response") && (!strings.HasPrefix(line, "time=") || !strings.Contains(line, "level=DEBUG")) {
+			t.Fatalf("the standard logger's line is not a debug record of the daemon's log:\n%s", line)
+		}
+	}
 }
