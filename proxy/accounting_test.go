@@ -289,11 +289,13 @@ func TestMaxConnectionsLogNamesClient(t *testing.T) {
 	defer first.Close()
 	first.Write(hello)
 	testnet.WaitFor(t, "the first connection", func() bool { return h.srv.Status()[0].Active == 1 })
-	second, err := net.Dial("tcp", h.addr("l"))
-	if err != nil {
-		t.Fatal(err)
+	// From an address of its own: the reset at the cap can beat the
+	// connect's own completion, and then Dial has no local address to
+	// tell.
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 3)}}
+	if second, err := d.Dial("tcp", h.addr("l")); err == nil {
+		defer second.Close()
 	}
-	defer second.Close()
 	var line map[string]any
 	testnet.WaitFor(t, "the max_connections line", func() bool {
 		for _, l := range sink.lines() {
@@ -304,7 +306,7 @@ func TestMaxConnectionsLogNamesClient(t *testing.T) {
 		}
 		return false
 	})
-	if line["client"] != second.LocalAddr().String() {
-		t.Fatalf("max_connections line %v: client want %s", line, second.LocalAddr())
+	if c, _ := line["client"].(string); !strings.HasPrefix(c, "127.0.0.3:") {
+		t.Fatalf("max_connections line %v: client want 127.0.0.3:port", line)
 	}
 }
