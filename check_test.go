@@ -1,10 +1,14 @@
 package main
 
 import (
+	"fmt"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/portcullis/portcullis/testpki"
 )
@@ -246,4 +250,98 @@ listen = "127.0.0.1:8443"
 			t.Fatalf("exit %d, want 2", code)
 		}
 	})
+}
+
+// TestCheckSpecialFiles: a certificate, key, CA or GeoIP database that
+// is a FIFO without a writer made `check` (and the reload it mirrors)
+// block in the open for ever. It is a problem like any other, reported
+// at once as file:line: key: naming the path, and a config whose files
+// are symlinks to regular files (a Kubernetes secret volume) still
+// passes.
+func TestCheckSpecialFiles(t *testing.T) {
+	dir := shortTempDir(t)
+	leaf := testpki.NewCA(t).Leaf(t, "secure.test")
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A check still blocked in the open when the test gives up gets a
+	// writer (and then EOF), so its goroutine ends with the test.
+	t.Cleanup(func() {
+		if w, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+			w.Close()
+		}
+	})
+	linkCert, linkKey := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	if err := os.Symlink(leaf.CertFile, linkCert); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(leaf.KeyFile, linkKey); err != nil {
+		t.Fatal(err)
+	}
+	route := func(cert, key, extra string) string {
+		return fmt.Sprintf(`[[listener]]
+name = "public"
+listen = "127.0.0.1:8443"
+
+  [[listener.route]]
+  sni = "secure.test"
+  mode = "l7"
+  tls_cert = %q
+  tls_key = %q
+  backend = "127.0.0.1:9001"
+%s`, cert, key, extra)
+	}
+	admin := func(cert, key, ca string) string {
+		return fmt.Sprintf(`[admin]
+listen = "127.0.0.1:9443"
+tls_cert = %q
+tls_key = %q
+client_ca = %q
+
+`, cert, key, ca) + route(leaf.CertFile, leaf.KeyFile, "")
+	}
+	for _, tc := range []struct {
+		name, content, want string // want: "line: key: message" prefix; "" for a pass
+	}{
+		{"route tls_cert", route(fifo, leaf.KeyFile, ""), "8: listener[0].route[0].tls_cert: " + fifo + ": not a regular file (named pipe)"},
+		{"route tls_key", route(leaf.CertFile, fifo, ""), "9: listener[0].route[0].tls_key: " + fifo + ": not a regular file (named pipe)"},
+		{"route backend_ca", route(leaf.CertFile, leaf.KeyFile, "  backend_protocol = \"h2\"\n  backend_ca = \""+fifo+"\"\n"), "12: listener[0].route[0].backend_ca: " + fifo + ": not a regular file (named pipe)"},
+		{"route tls_cert directory", route(dir, leaf.KeyFile, ""), "8: listener[0].route[0].tls_cert: " + dir + ": not a regular file (directory)"},
+		{"geoip database", "[geoip]\ndatabase = \"" + fifo + "\"\n\n" + route(leaf.CertFile, leaf.KeyFile, ""), "2: geoip.database: firewall: geoip: " + fifo + ": not a regular file (named pipe)"},
+		{"admin tls_cert", admin(fifo, leaf.KeyFile, leaf.CertFile), "3: admin.tls_cert: " + fifo + ": not a regular file (named pipe)"},
+		{"admin tls_key", admin(leaf.CertFile, fifo, leaf.CertFile), "4: admin.tls_key: " + fifo + ": not a regular file (named pipe)"},
+		{"admin client_ca", admin(leaf.CertFile, leaf.KeyFile, fifo), "5: admin.client_ca: " + fifo + ": not a regular file (named pipe)"},
+		{"symlinks", admin(linkCert, linkKey, linkCert) + "\n", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".toml")
+			writeFile(t, path, tc.content)
+			type result struct {
+				code           int
+				stdout, stderr string
+			}
+			done := make(chan result, 1)
+			go func() {
+				var r result
+				r.code, r.stdout, r.stderr = runCmd("check", "-config", path)
+				done <- r
+			}()
+			var r result
+			select {
+			case r = <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("check still blocked after 10s")
+			}
+			if tc.want == "" {
+				if r.code != 0 {
+					t.Fatalf("exit %d, want 0; stderr:\n%s", r.code, r.stderr)
+				}
+				return
+			}
+			if r.code != 1 || !strings.HasPrefix(r.stderr, path+":"+tc.want) || strings.Count(r.stderr, "\n") != 1 {
+				t.Fatalf("exit %d, stderr %q; want 1 and one line %q", r.code, r.stderr, path+":"+tc.want)
+			}
+		})
+	}
 }

@@ -5,8 +5,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -39,16 +39,15 @@ func waitAccepts(t *testing.T, d *daemon, addr string) {
 // promptly, even if a client connected in the meantime — not wait without
 // limit for that connection while ignoring SIGTERM.
 //
-// The admin certificate is a FIFO so the test can hold startup at the
-// step after the proxy listener is up, deterministically.
+// The daemon's output is a full pipe (heldOutput), so the daemon stops
+// at the first line it logs, "configuration loaded": the proxy listener
+// is open by then, and the admin certificate not yet loaded. The test
+// connects while it is held there, deterministically.
 func TestServeStartupFailureWithLiveConnection(t *testing.T) {
 	backend, gotHello := stuckBackend(t)
 	env := newEnv(t)
 	proxyAddr, adminAddr := freeAddr(t), freeAddr(t)
-	fifo := filepath.Join(env.dir, "admin.pem")
-	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	writeFile(t, filepath.Join(env.dir, "admin.pem"), "not a certificate\n")
 	writeFile(t, filepath.Join(env.dir, "admin-key.pem"), "not a key\n")
 	writeFile(t, env.config, fmt.Sprintf(`shutdown_grace = "30s"
 
@@ -66,17 +65,17 @@ database = "portcullis.db"
 
 `, adminAddr, env.metrics)+l4Listener(proxyAddr, "app.test", backend))
 
-	d := env.startNoWait(t)
-	waitAccepts(t, d, proxyAddr) // the daemon now waits in startAdmin, reading the FIFO
+	out := newHeldOutput(t)
+	out.hold(t)
+	d := env.launch(t, out)
+	// The daemon now waits to write "configuration loaded"; if it logged
+	// anything before opening the listener, it would wait there instead
+	// and never accept.
+	waitAccepts(t, d, proxyAddr)
 	openProxied(t, proxyAddr, "app.test", gotHello)
 
-	// Let the certificate load fail.
-	w, err := os.OpenFile(fifo, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.WriteString("not a certificate\n")
-	w.Close()
+	// Let the startup go on, to fail at the admin certificate.
+	out.release()
 
 	// The startup has failed; the process must exit non-zero now, and the
 	// proxy socket must be closed. (The stuck backend holds the relay for
@@ -108,57 +107,14 @@ database = "portcullis.db"
 // queued in a channel of two and read only between reloads, so the
 // third signal is dropped and the daemon keeps running.
 //
-// An L7 certificate is a FIFO so the test can hold a reload in progress.
+// The daemon's output is a pipe (heldOutput) the test fills after
+// startup, so the SIGHUP reload stops at its "configuration loaded" line,
+// inside Manager.Reload; the reload counter, bumped just before that
+// line, shows when it is there.
 func TestServeSIGTERMAfterSIGHUPs(t *testing.T) {
 	ca := testpki.NewCA(t)
 	leaf := ca.Leaf(t, "secure.test")
-	certPEM, err := os.ReadFile(leaf.CertFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyPEM, err := os.ReadFile(leaf.KeyFile)
-	if err != nil {
-		t.Fatal(err)
-	}
 	env := newEnv(t)
-	// In a subdirectory, out of the config watcher's sight.
-	if err := os.Mkdir(filepath.Join(env.dir, "certs"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	fifo := filepath.Join(env.dir, "certs", "secure.pem")
-	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	writeFile(t, filepath.Join(env.dir, "certs", "secure-key.pem"), string(keyPEM))
-
-	// The feeder answers every read of the FIFO with the certificate
-	// while feeding is on.
-	var feedMu sync.Mutex
-	var feeding atomic.Bool
-	feeding.Store(true)
-	quit := make(chan struct{})
-	feederDone := make(chan struct{})
-	defer func() { close(quit); <-feederDone }()
-	go func() {
-		defer close(feederDone)
-		for {
-			select {
-			case <-quit:
-				return
-			default:
-			}
-			feedMu.Lock()
-			if feeding.Load() {
-				if f, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
-					f.Write(certPEM)
-					f.Close()
-				}
-			}
-			feedMu.Unlock()
-			time.Sleep(5 * time.Millisecond)
-		}
-	}()
-
 	proxyAddr := freeAddr(t)
 	env.writeConfig(t, "5s", fmt.Sprintf(`[[listener]]
 name = "public"
@@ -167,28 +123,26 @@ listen = %q
   [[listener.route]]
   sni = "secure.test"
   mode = "l7"
-  tls_cert = "certs/secure.pem"
-  tls_key = "certs/secure-key.pem"
+  tls_cert = %q
+  tls_key = %q
   backend = "127.0.0.1:1"
-`, proxyAddr))
-	d := env.start(t)
+`, proxyAddr, leaf.CertFile, leaf.KeyFile))
+	out := newHeldOutput(t)
+	d := env.waitStarted(t, env.launch(t, out))
+	if n := reloadsCounted(t, env.metrics); n != 1 {
+		t.Fatalf("%v successful reloads counted after startup, want 1", n)
+	}
 
-	feedMu.Lock()
-	feeding.Store(false)
-	feedMu.Unlock()
-
-	// A SIGHUP reload, held while it reads the certificate.
+	// A SIGHUP reload, held at its log line. (The daemon is idle, as
+	// hold needs.)
+	out.hold(t)
 	d.signal(t, syscall.SIGHUP)
-	var hold *os.File
 	deadline := time.Now().Add(20 * time.Second)
-	for hold == nil {
-		if f, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
-			hold = f
-		} else if time.Now().After(deadline) {
-			t.Fatal("the SIGHUP reload never read the certificate")
-		} else {
-			time.Sleep(5 * time.Millisecond)
+	for reloadsCounted(t, env.metrics) != 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the SIGHUP reload never got to its log line")
 		}
+		time.Sleep(5 * time.Millisecond)
 	}
 	// Meanwhile: more SIGHUPs, then SIGTERM. (The pauses only keep the
 	// runtime from merging the SIGHUPs into one delivery.)
@@ -199,9 +153,7 @@ listen = %q
 	d.signal(t, syscall.SIGTERM)
 	time.Sleep(200 * time.Millisecond)
 	// Let the reload (and any later ones) finish.
-	hold.Write(certPEM)
-	hold.Close()
-	feeding.Store(true)
+	out.release()
 
 	select {
 	case <-d.done:
@@ -211,6 +163,22 @@ listen = %q
 	if code := d.cmd.ProcessState.ExitCode(); code != 0 || countLines(d.log(), "msg=stopped") != 1 {
 		t.Fatalf("exit code %d; want 0 after a clean stop; log:\n%s", code, d.log())
 	}
+}
+
+// reloadsCounted returns portcullis_config_reloads_total{result="success"}
+// from the daemon's /metrics at addr.
+func reloadsCounted(t *testing.T, addr string) float64 {
+	t.Helper()
+	for line := range strings.Lines(string(scrape(t, addr))) {
+		if v, ok := strings.CutPrefix(line, `portcullis_config_reloads_total{result="success"} `); ok {
+			n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	return 0
 }
 
 // TestServeStartupErrorsNameFileLineKey: the settings serve reads only at

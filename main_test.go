@@ -231,6 +231,13 @@ type daemon struct {
 // returns at once, without waiting for the daemon to finish starting.
 func (e *testEnv) startNoWait(t testing.TB) *daemon {
 	t.Helper()
+	return e.launch(t, nil)
+}
+
+// launch is startNoWait with the daemon's output going through out when
+// out is not nil.
+func (e *testEnv) launch(t testing.TB, out *heldOutput) *daemon {
+	t.Helper()
 	n := e.starts.Add(1)
 	d := &daemon{logf: filepath.Join(e.dir, fmt.Sprintf("daemon-%d.log", n)), done: make(chan struct{})}
 	args, err := json.Marshal([]string{"serve", "-config", e.config, "-log-level", "debug"})
@@ -241,18 +248,36 @@ func (e *testEnv) startNoWait(t testing.TB) *daemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer logf.Close() // the child has its own descriptor
+	defer logf.Close() // the child (or out's copier) has its own descriptor
 	d.cmd = exec.Command(os.Args[0])
 	// Under -race the runtime sleeps a second at exit (atexit_sleep_ms)
 	// to let reports flush; the daemon's exit timing is what we test.
 	gorace := strings.TrimSpace(os.Getenv("GORACE") + " atexit_sleep_ms=0")
 	d.cmd.Env = append(os.Environ(), envDaemon+"=1", envArgs+"="+string(args), "GORACE="+gorace)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
+	if out != nil {
+		if err := out.copyTo(d.logf); err != nil {
+			t.Fatal(err)
+		}
+		d.cmd.Stdout, d.cmd.Stderr = out.w, out.w
+	}
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	go func() { d.err = d.cmd.Wait(); close(d.done) }()
+	go func() {
+		d.err = d.cmd.Wait()
+		if out != nil {
+			// The log file is complete once the copier has read the
+			// rest: done means all the daemon wrote is in d.log().
+			out.w.Close()
+			<-out.copied
+		}
+		close(d.done)
+	}()
 	t.Cleanup(func() {
+		if out != nil {
+			out.release()
+		}
 		select {
 		case <-d.done:
 		default:
@@ -274,7 +299,12 @@ func (e *testEnv) startNoWait(t testing.TB) *daemon {
 // killed at the end of the test if it is still running.
 func (e *testEnv) start(t testing.TB) *daemon {
 	t.Helper()
-	d := e.startNoWait(t)
+	return e.waitStarted(t, e.startNoWait(t))
+}
+
+// waitStarted waits, as start does, until d has finished starting.
+func (e *testEnv) waitStarted(t testing.TB, d *daemon) *daemon {
+	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		// The "listening" lines come last in serve's startup, after the
@@ -293,6 +323,109 @@ func (e *testEnv) start(t testing.TB) *daemon {
 		if time.Now().After(deadline) {
 			t.Fatalf("daemon did not open %s in time; log:\n%s", e.sock, d.log())
 		}
+	}
+}
+
+// heldOutput carries a daemon's stdout and stderr to its log file
+// through a pipe the test can stop: hold stops the copying and fills the
+// pipe, so the daemon's next log write blocks — as it would behind a log
+// collector that stopped reading — until release. It holds the daemon at
+// a point of its own (the next line it logs) without a test hook in it.
+type heldOutput struct {
+	r, w   *os.File   // the pipe; w is also the daemon's stdout and stderr
+	gate   sync.Mutex // locked while held: the copier waits on it
+	held   bool
+	copied chan struct{} // closed when the copier has seen EOF; nil until copyTo
+}
+
+func newHeldOutput(t testing.TB) *heldOutput {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := &heldOutput{r: r, w: w}
+	// For a daemon that was never launched: once launched, the daemon's
+	// exit closes w and ends the copier.
+	t.Cleanup(func() {
+		if o.copied == nil {
+			o.r.Close()
+			o.w.Close()
+		}
+	})
+	return o
+}
+
+// copyTo starts the copier, appending to the file at path.
+func (o *heldOutput) copyTo(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return err
+	}
+	o.copied = make(chan struct{})
+	go func() {
+		defer close(o.copied)
+		defer f.Close()
+		defer o.r.Close()
+		buf := make([]byte, 32<<10)
+		for {
+			// Wait while held, before reading too: a copier started
+			// on a full pipe must leave it full.
+			o.gate.Lock()
+			o.gate.Unlock()
+			n, err := o.r.Read(buf)
+			o.gate.Lock() // a read that was waiting when hold began
+			f.Write(buf[:n])
+			o.gate.Unlock()
+			if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+				return
+			}
+		}
+	}()
+	return nil
+}
+
+// hold stops the copying and fills the pipe with empty lines, so that
+// the daemon's next write blocks. The fill makes the pipe non-blocking
+// for a moment, which the daemon's end shares: the daemon must not be
+// writing meanwhile (not started yet, or idle).
+func (o *heldOutput) hold(t testing.TB) {
+	t.Helper()
+	o.gate.Lock()
+	o.held = true
+	// A read already waiting would take some of the fill after it is
+	// done; the deadline ends it, and refuses any read until release.
+	if err := o.r.SetReadDeadline(time.Unix(1, 0)); err != nil {
+		t.Fatal(err)
+	}
+	fd := int(o.w.Fd())
+	if err := syscall.SetNonblock(fd, true); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.SetNonblock(fd, false)
+	// Page-sized writes, then single bytes for the last page: a write
+	// of up to PIPE_BUF bytes is all or nothing, so a page-sized one can
+	// fail while a log line would still fit.
+	pad := bytes.Repeat([]byte("\n"), 4096)
+	for _, size := range []int{len(pad), 1} {
+		for {
+			_, err := syscall.Write(fd, pad[:size])
+			if err == syscall.EAGAIN {
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// release lets the copier drain the pipe, and the daemon write again.
+func (o *heldOutput) release() {
+	if o.held {
+		o.held = false
+		o.r.SetReadDeadline(time.Time{})
+		o.gate.Unlock()
 	}
 }
 

@@ -8,7 +8,9 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/maxmind/mmdbwriter"
 	"github.com/maxmind/mmdbwriter/mmdbtype"
@@ -181,7 +183,7 @@ func TestOpenGeoDBErrors(t *testing.T) {
 		want string // substring of the error
 	}{
 		{"missing", filepath.Join(dir, "nope.mmdb"), "no such file"},
-		{"directory", dir, ""},
+		{"directory", dir, "not a regular file (directory)"},
 		{"empty", write("empty.mmdb", nil), "empty"},
 		{"random bytes", write("random.mmdb", random), "invalid MaxMind DB"},
 		{"truncated", write("truncated.mmdb", valid[:len(valid)/2]), "invalid MaxMind DB"},
@@ -239,4 +241,53 @@ func TestGeoDBClose(t *testing.T) {
 	if err := g.Close(); err != nil {
 		t.Errorf("second Close: %v", err)
 	}
+}
+
+// TestOpenGeoDBRefusesSpecialFiles: a FIFO without a writer as the
+// database blocked the open for ever, and with it the reload that
+// compiled the snapshot (under the reload manager's lock, so every
+// later reload and admin call). It is refused at once, naming the path;
+// a symlink to the database still opens.
+func TestOpenGeoDBRefusesSpecialFiles(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo.mmdb")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct{ path, want string }{
+		{fifo, fifo + ": not a regular file (named pipe)"},
+		{"/dev/null", "/dev/null: not a regular file (device)"},
+	} {
+		done := make(chan error, 1)
+		go func() {
+			g, err := OpenGeoDB(tt.path)
+			if err == nil {
+				g.Close()
+			}
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err == nil || !strings.HasPrefix(err.Error(), "firewall: geoip: "+tt.want) {
+				t.Errorf("OpenGeoDB(%s) = %v, want %q", tt.path, err, "firewall: geoip: "+tt.want)
+			}
+		case <-time.After(10 * time.Second):
+			// Unblock the open so the goroutine ends with the test.
+			if w, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+				w.Close()
+			}
+			<-done
+			t.Fatalf("OpenGeoDB(%s) still blocked after 10s", tt.path)
+		}
+	}
+
+	link := filepath.Join(dir, "GeoLite2-Country.mmdb")
+	if err := os.Symlink(writeTestDB(t), link); err != nil {
+		t.Fatal(err)
+	}
+	g, err := OpenGeoDB(link)
+	if err != nil {
+		t.Fatalf("symlinked database: %v", err)
+	}
+	g.Close()
 }

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -67,6 +68,98 @@ func TestNewHandlerErrors(t *testing.T) {
 	h, err := NewHandler(ok)
 	if err != nil {
 		t.Fatalf("valid options: %v", err)
+	}
+	h.Close()
+}
+
+// TestNewHandlerRefusesSpecialFiles: the admin API and the config name
+// these files, and opening a FIFO that has no writer blocked for ever —
+// under the reload manager's lock, so every later reload and admin call
+// hung with it. A FIFO, a device, a directory or a socket is refused at
+// once, naming the key and the path; a symlink to a regular file (how
+// Kubernetes mounts secrets) still loads.
+func TestNewHandlerRefusesSpecialFiles(t *testing.T) {
+	pki := newTestPKI(t)
+	cert, key := pki.leaf(t, frontName)
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo.pem")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "sock.pem")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ok := Options{CertFile: cert, KeyFile: key, Backend: "127.0.0.1:1"}
+	tests := []struct {
+		name string
+		edit func(*Options)
+		want string
+	}{
+		{"cert FIFO", func(o *Options) { o.CertFile = fifo }, "l7: tls_cert: " + fifo + ": not a regular file (named pipe)"},
+		{"key FIFO", func(o *Options) { o.KeyFile = fifo }, "l7: tls_key: " + fifo + ": not a regular file (named pipe)"},
+		{"CA FIFO", func(o *Options) { o.Protocol, o.BackendCAFile = "h2", fifo }, "l7: backend_ca: " + fifo + ": not a regular file (named pipe)"},
+		{"cert directory", func(o *Options) { o.CertFile = dir }, "l7: tls_cert: " + dir + ": not a regular file (directory)"},
+		{"key device", func(o *Options) { o.KeyFile = "/dev/null" }, "l7: tls_key: /dev/null: not a regular file (device)"},
+		{"CA socket", func(o *Options) { o.Protocol, o.BackendCAFile = "https1", sock }, "l7: backend_ca: " + sock + ": not a regular file (socket)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			o := ok
+			tt.edit(&o)
+			done := make(chan error, 1)
+			go func() {
+				h, err := NewHandler(o)
+				if err == nil {
+					h.Close()
+				}
+				done <- err
+			}()
+			var err error
+			select {
+			case err = <-done:
+			case <-time.After(10 * time.Second):
+				// Unblock the open so the goroutine ends with the test.
+				if w, werr := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); werr == nil {
+					w.Close()
+				}
+				t.Fatalf("NewHandler still blocked on %s after 10s", tt.name)
+			}
+			if err == nil || !strings.HasPrefix(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want prefix %q", err, tt.want)
+			}
+		})
+	}
+
+	// Symlinks to regular files, as in a Kubernetes secret volume:
+	// tls.crt -> ..data/tls.crt, ..data -> ..2026_11_26_13_00_00.1.
+	ts := filepath.Join(dir, "..2026_11_26_13_00_00.1")
+	if err := os.Mkdir(ts, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for src, name := range map[string]string{cert: "tls.crt", key: "tls.key", pki.caFile: "ca.crt"} {
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(ts, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(filepath.Join("..data", name), filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink(filepath.Base(ts), filepath.Join(dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
+	h, err := NewHandler(Options{
+		CertFile: filepath.Join(dir, "tls.crt"), KeyFile: filepath.Join(dir, "tls.key"),
+		Backend: "127.0.0.1:1", Protocol: "h2", BackendCAFile: filepath.Join(dir, "ca.crt"),
+	})
+	if err != nil {
+		t.Fatalf("symlinked files: %v", err)
 	}
 	h.Close()
 }

@@ -13,6 +13,7 @@ import (
 	"reflect"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -583,4 +584,50 @@ func TestMutateRefusesOverrideForMissingListener(t *testing.T) {
 	if err != nil {
 		t.Errorf("clearing the orphan: %v", err)
 	}
+}
+
+// TestSpecialFileFailsReload: a saved config whose L7 certificate is a
+// FIFO without a writer blocked the reload in the open for ever, holding
+// the manager's lock, so later reloads, SIGHUPs and admin calls hung
+// with it. The reload now fails at once like any other bad certificate:
+// the old snapshot keeps serving, the error names file:line:key and the
+// path, and the next good save is applied.
+func TestSpecialFileFailsReload(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	b := testnet.NamedBackend(t, "B")
+	r := newRig(t, appConfig(a))
+	fifo := filepath.Join(r.dir, "certs", "app.pem")
+	if err := os.Mkdir(filepath.Dir(fifo), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Registered after the rig's, so it runs first: a reload still
+	// blocked in the open gets a writer (and then EOF) and ends, and the
+	// rig can stop.
+	t.Cleanup(func() {
+		if w, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+			w.Close()
+		}
+	})
+	r.await("l", "A")
+	fails := r.count("failure")
+	r.write(strings.Replace(appConfig(b), "  backend =", "  mode = \"l7\"\n  tls_cert = \"certs/app.pem\"\n  tls_key = \"certs/app-key.pem\"\n  backend =", 1))
+	deadline := time.Now().Add(10 * time.Second)
+	for r.count("failure") != fails+1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the reload of a config naming a FIFO as tls_cert neither failed nor succeeded in 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := r.ask("l"); got != "A" {
+		t.Fatalf("after a failed reload, routed to %q, want the old snapshot's A", got)
+	}
+	want := fmt.Sprintf("%s:9: listener[0].route[0].tls_cert: %s: not a regular file (named pipe)", r.path, fifo)
+	if st := r.m.Status(); st.LastResult != "failure" || !strings.Contains(st.LastError, want) {
+		t.Fatalf("status %+v, want a failure with %q", st, want)
+	}
+	r.write(appConfig(b))
+	r.await("l", "B")
 }

@@ -15,7 +15,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	_ "github.com/mattn/go-sqlite3"
 	"go.uber.org/goleak"
@@ -1244,7 +1246,8 @@ func TestSnapshotWriteErrorEndsTheCall(t *testing.T) {
 // come from the caller, and the daemon read whatever they named to the
 // end: a huge file was read into memory whole, and a device that never
 // ends (/dev/zero) ran the daemon out of memory, cutting every live
-// connection. Each is now refused as the route's bad value.
+// connection. Each is now refused as the route's bad value: the huge file
+// for its size, the device for not being a regular file.
 func TestPutRouteFileTooLarge(t *testing.T) {
 	h := newHarness(t, fileConfig{})
 	leaf := testpki.NewCA(t).Leaf(t, "l7.test")
@@ -1259,19 +1262,19 @@ func TestPutRouteFileTooLarge(t *testing.T) {
 	// The huge file comes first: before the bound, /dev/zero would take
 	// the test process down with it.
 	for _, tc := range []struct {
-		name, field string
-		route       *adminpb.Route
+		name, field, want string
+		route             *adminpb.Route
 	}{
-		{"tls_cert huge", "tls_cert", &adminpb.Route{TlsCert: huge, TlsKey: leaf.KeyFile}},
-		{"tls_cert endless", "tls_cert", &adminpb.Route{TlsCert: "/dev/zero", TlsKey: leaf.KeyFile}},
-		{"tls_key endless", "tls_key", &adminpb.Route{TlsCert: leaf.CertFile, TlsKey: "/dev/zero"}},
-		{"backend_ca endless", "backend_ca", &adminpb.Route{TlsCert: leaf.CertFile, TlsKey: leaf.KeyFile, BackendProtocol: "h2", BackendCa: "/dev/zero"}},
+		{"tls_cert huge", "tls_cert", "larger than", &adminpb.Route{TlsCert: huge, TlsKey: leaf.KeyFile}},
+		{"tls_cert endless", "tls_cert", "/dev/zero: not a regular file", &adminpb.Route{TlsCert: "/dev/zero", TlsKey: leaf.KeyFile}},
+		{"tls_key endless", "tls_key", "/dev/zero: not a regular file", &adminpb.Route{TlsCert: leaf.CertFile, TlsKey: "/dev/zero"}},
+		{"backend_ca endless", "backend_ca", "/dev/zero: not a regular file", &adminpb.Route{TlsCert: leaf.CertFile, TlsKey: leaf.KeyFile, BackendProtocol: "h2", BackendCa: "/dev/zero"}},
 	} {
 		r := tc.route
 		r.Listener, r.Sni, r.Backend, r.Mode = "public", "l7.test", be, "l7"
 		_, err := h.cli.PutRoute(h.ctx(), r)
-		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "larger than") {
-			t.Fatalf("%s: PutRoute = %v, want FailedPrecondition saying the file is too large", tc.name, err)
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), tc.want) {
+			t.Fatalf("%s: PutRoute = %v, want FailedPrecondition saying %q", tc.name, err, tc.want)
 		}
 		if fields := badRequestFields(err); len(fields) != 1 || !strings.HasSuffix(fields[0], "."+tc.field) {
 			t.Errorf("%s: BadRequest fields %v, want one ending in .%s", tc.name, fields, tc.field)
@@ -1280,4 +1283,69 @@ func TestPutRouteFileTooLarge(t *testing.T) {
 	if _, err := h.cli.PutRoute(h.ctx(), &adminpb.Route{Listener: "public", Sni: "l7.test", Backend: be, Mode: "l7", TlsCert: leaf.CertFile, TlsKey: leaf.KeyFile}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestPutRouteSpecialFileRefusedAtOnce: a PutRoute whose certificate,
+// key or CA path named a FIFO without a writer blocked in the open for
+// ever, inside Manager.Mutate and so under the manager's lock: every
+// later admin call (GetStatus and ListRoutes too), SIGHUP and file
+// reload hung until a restart. Such a path is now the route's bad value,
+// refused at once, with memory and database unchanged.
+func TestPutRouteSpecialFileRefusedAtOnce(t *testing.T) {
+	h := newHarness(t, fileConfig{})
+	leaf := testpki.NewCA(t).Leaf(t, "l7.test")
+	fifo := filepath.Join(h.dir, "fifo.pem")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Registered after the harness's, so it runs first: a call still
+	// blocked in the open gets a writer (and then EOF) and ends, and the
+	// harness can stop.
+	t.Cleanup(func() {
+		if w, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+			w.Close()
+		}
+	})
+	before := h.overrides()
+	be := h.backends["new"]
+	for _, tc := range []struct {
+		name, field, path string
+		route             *adminpb.Route
+	}{
+		{"tls_cert FIFO", "tls_cert", fifo, &adminpb.Route{TlsCert: fifo, TlsKey: leaf.KeyFile}},
+		{"tls_key FIFO", "tls_key", fifo, &adminpb.Route{TlsCert: leaf.CertFile, TlsKey: fifo}},
+		{"backend_ca FIFO", "backend_ca", fifo, &adminpb.Route{TlsCert: leaf.CertFile, TlsKey: leaf.KeyFile, BackendProtocol: "h2", BackendCa: fifo}},
+		{"tls_cert directory", "tls_cert", h.dir, &adminpb.Route{TlsCert: h.dir, TlsKey: leaf.KeyFile}},
+	} {
+		r := tc.route
+		r.Listener, r.Sni, r.Backend, r.Mode = "public", "l7.test", be, "l7"
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, err := h.cli.PutRoute(ctx, r)
+		cancel()
+		if status.Code(err) == codes.DeadlineExceeded {
+			t.Fatalf("%s: PutRoute still blocked after 10s (and holds the manager's lock): %v", tc.name, err)
+		}
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), tc.path+": not a regular file") {
+			t.Fatalf("%s: PutRoute = %v, want FailedPrecondition naming the path as not a regular file", tc.name, err)
+		}
+		if fields := badRequestFields(err); len(fields) != 1 || !strings.HasSuffix(fields[0], "."+tc.field) {
+			t.Errorf("%s: BadRequest fields %v, want one ending in .%s", tc.name, fields, tc.field)
+		}
+		// The manager's lock is free: read-only calls answer.
+		ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+		if _, err := h.cli.Status(ctx); err != nil {
+			t.Fatalf("%s: GetStatus after the refused PutRoute: %v", tc.name, err)
+		}
+		if _, err := h.cli.Routes(ctx, "public"); err != nil {
+			t.Fatalf("%s: ListRoutes after the refused PutRoute: %v", tc.name, err)
+		}
+		cancel()
+	}
+	if got, want := pbOverrideSet(h.overrides()), pbOverrideSet(before); !slices.Equal(got, want) {
+		t.Errorf("overrides %v after refused PutRoutes, want %v", got, want)
+	}
+	if got := overrideSet(h.dbOverrides()); len(got) != 0 {
+		t.Errorf("database holds %v after refused PutRoutes, want nothing", got)
+	}
+	h.wantRefused("public", "l7.test")
 }
