@@ -76,14 +76,13 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
-	"io/fs"
 	"log"
 	"log/slog"
 	"net"
-	"os"
 	"sync/atomic"
-	"syscall"
 	"time"
+
+	"github.com/portcullis/portcullis/regularfile"
 )
 
 // Backend protocols, as spelled in the config file.
@@ -298,72 +297,10 @@ func loadRoots(file string) (*x509.CertPool, error) {
 const maxPEMFile = 4 << 20
 
 // readPEMFile reads a route's certificate, key or CA file, at most
-// maxPEMFile bytes of it. The admin API names these files too, and a
-// device there (/dev/zero never ends) or a huge file must be an error,
-// not a daemon that reads until it runs out of memory. Only a regular
-// file is read (a symlink to one is followed: Kubernetes mounts secrets
-// that way): opening a FIFO that has no writer blocks until one appears,
-// and the reload manager's lock is held meanwhile, so every later
-// reload and admin call would wait with it. The open is non-blocking so
-// a FIFO is refused rather than waited on, and the type is checked on
-// the opened file, so a file swapped in after a check cannot be read
-// unchecked.
-func readPEMFile(path string) ([]byte, error) {
-	f, err := openRegular(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxPEMFile+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > maxPEMFile {
-		return nil, fmt.Errorf("%s is larger than %d bytes", path, maxPEMFile)
-	}
-	return b, nil
-}
-
-// openRegular opens path for reading if it is a regular file, and
-// refuses anything else at once with an error naming path and what it
-// is. O_NONBLOCK makes open return at once on a FIFO without a writer
-// and on devices that would wait (a tty's carrier); it changes nothing
-// for a regular file, whose reads never block on it.
-func openRegular(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		// open(2) of a Unix socket fails with ENXIO; say what it is.
-		if fi, serr := os.Stat(path); serr == nil && !fi.Mode().IsRegular() {
-			return nil, notRegular(path, fi.Mode())
-		}
-		return nil, err
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		f.Close()
-		return nil, notRegular(path, fi.Mode())
-	}
-	return f, nil
-}
-
-func notRegular(path string, m fs.FileMode) error {
-	kind := "special file"
-	switch {
-	case m&fs.ModeNamedPipe != 0:
-		kind = "named pipe"
-	case m&fs.ModeSocket != 0:
-		kind = "socket"
-	case m&fs.ModeDevice != 0:
-		kind = "device"
-	case m.IsDir():
-		kind = "directory"
-	}
-	return fmt.Errorf("%s: not a regular file (%s)", path, kind)
-}
+// maxPEMFile bytes of it: the admin API names these files too, and a
+// device there or a huge file must be an error, not a daemon that reads
+// until it runs out of memory or waits for ever.
+func readPEMFile(path string) ([]byte, error) { return regularfile.Read(path, maxPEMFile) }
 
 func orDefault(d, def time.Duration) time.Duration {
 	if d <= 0 {

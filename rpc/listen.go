@@ -6,8 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
-	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -24,6 +22,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/portcullis/portcullis/config"
+	"github.com/portcullis/portcullis/regularfile"
 	"github.com/portcullis/portcullis/rpc/adminpb"
 )
 
@@ -213,52 +212,8 @@ func serverTLS(cfg *config.Config) (*tls.Config, error) {
 const maxPEMFile = 4 << 20
 
 // readPEMFile reads one of the admin API's TLS files, at most maxPEMFile
-// bytes, if it is a regular file (or a symlink to one: Kubernetes mounts
-// secrets that way). Anything else is refused at once, naming the path:
-// a FIFO without a writer would block the open for ever, and with it the
-// daemon's startup and `check`; a device may never end. O_NONBLOCK makes
-// that open return at once, and the type is checked on the opened file.
-func readPEMFile(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		// open(2) of a Unix socket fails with ENXIO; say what it is.
-		if fi, serr := os.Stat(path); serr == nil && !fi.Mode().IsRegular() {
-			return nil, notRegular(path, fi.Mode())
-		}
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, notRegular(path, fi.Mode())
-	}
-	b, err := io.ReadAll(io.LimitReader(f, maxPEMFile+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > maxPEMFile {
-		return nil, fmt.Errorf("%s is larger than %d bytes", path, maxPEMFile)
-	}
-	return b, nil
-}
-
-func notRegular(path string, m fs.FileMode) error {
-	kind := "special file"
-	switch {
-	case m&fs.ModeNamedPipe != 0:
-		kind = "named pipe"
-	case m&fs.ModeSocket != 0:
-		kind = "socket"
-	case m&fs.ModeDevice != 0:
-		kind = "device"
-	case m.IsDir():
-		kind = "directory"
-	}
-	return fmt.Errorf("%s: not a regular file (%s)", path, kind)
-}
+// bytes, refusing anything but a regular file (see regularfile).
+func readPEMFile(path string) ([]byte, error) { return regularfile.Read(path, maxPEMFile) }
 
 // actor names who made a call, for the override's audit columns: the
 // client certificate's subject over mTLS, the peer's uid over the Unix
