@@ -1,15 +1,17 @@
 package firewall
 
 import (
+	"bytes"
 	"fmt"
+	"io/fs"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/oschwald/maxminddb-golang/v2"
-
-	"github.com/portcullis/portcullis/regularfile"
 )
 
 // geoCacheSlots is the size of the per-database record cache. GeoLite2
@@ -59,7 +61,7 @@ type geoCacheEntry struct {
 // and one copy is shared by consecutive snapshots while the file is
 // unchanged.
 func OpenGeoDB(path string) (*GeoDB, error) {
-	data, err := regularfile.Read(path, 0)
+	data, err := readRegular(path)
 	if err != nil {
 		return nil, fmt.Errorf("firewall: geoip: %w", err) // names the file
 	}
@@ -75,6 +77,56 @@ func OpenGeoDB(path string) (*GeoDB, error) {
 		return nil, fmt.Errorf("firewall: geoip: %s: corrupt database: %w", path, err)
 	}
 	return &GeoDB{r: r}, nil
+}
+
+// readRegular (the same check as package regularfile, which firewall
+// may not import: DESIGN.md keeps it free of the rest of the module)
+// reads the whole of path if it is a regular file (or a
+// symlink to one), and refuses anything else at once, naming path and
+// what it is. Opening a FIFO that has no writer would block until one
+// appears, and a reload holds the reload manager's lock while it opens
+// the database, so every later reload and admin call would wait with
+// it; O_NONBLOCK makes that open return at once, and the type is checked
+// on the opened file.
+func readRegular(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		// open(2) of a Unix socket fails with ENXIO; say what it is.
+		if fi, serr := os.Stat(path); serr == nil && !fi.Mode().IsRegular() {
+			return nil, notRegular(path, fi.Mode())
+		}
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, notRegular(path, fi.Mode())
+	}
+	// Sized up front, as os.ReadFile does: a database is megabytes.
+	var buf bytes.Buffer
+	buf.Grow(int(fi.Size()) + bytes.MinRead)
+	if _, err := buf.ReadFrom(f); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+func notRegular(path string, m fs.FileMode) error {
+	kind := "special file"
+	switch {
+	case m&fs.ModeNamedPipe != 0:
+		kind = "named pipe"
+	case m&fs.ModeSocket != 0:
+		kind = "socket"
+	case m&fs.ModeDevice != 0:
+		kind = "device"
+	case m.IsDir():
+		kind = "directory"
+	}
+	return fmt.Errorf("%s: not a regular file (%s)", path, kind)
 }
 
 // Close releases the mapping. Lookups after Close, or racing it, report
