@@ -39,6 +39,23 @@ listen = %q
 `, listen, sni, backend)
 }
 
+// l7Listener is a config body with one listener terminating TLS for sni
+// with leaf's files and proxying HTTP to an http1 backend.
+func l7Listener(listen, sni string, leaf testpki.Leaf, backend string) string {
+	return fmt.Sprintf(`[[listener]]
+name = "public"
+listen = %q
+
+  [[listener.route]]
+  sni = %q
+  mode = "l7"
+  tls_cert = %q
+  tls_key = %q
+  backend = %q
+  backend_protocol = "http1"
+`, listen, sni, leaf.CertFile, leaf.KeyFile, backend)
+}
+
 // readHello reads one TLS record (the ClientHello a test client sent).
 func readHello(c net.Conn) error {
 	hdr := make([]byte, 5)
@@ -210,18 +227,7 @@ func TestServeSIGTERMDrainsWebSocket(t *testing.T) {
 	leaf := ca.Leaf(t, "ws.test")
 	env := newEnv(t)
 	proxyAddr := freeAddr(t)
-	env.writeConfig(t, "20s", fmt.Sprintf(`[[listener]]
-name = "public"
-listen = %q
-
-  [[listener.route]]
-  sni = "ws.test"
-  mode = "l7"
-  tls_cert = %q
-  tls_key = %q
-  backend = %q
-  backend_protocol = "http1"
-`, proxyAddr, leaf.CertFile, leaf.KeyFile, ln.Addr().String()))
+	env.writeConfig(t, "20s", l7Listener(proxyAddr, "ws.test", leaf, ln.Addr().String()))
 	d := env.start(t)
 
 	dialer := websocket.Dialer{
@@ -584,18 +590,7 @@ func TestServeStandardLoggerIsStructured(t *testing.T) {
 	leaf := ca.Leaf(t, "web.test")
 	env := newEnv(t)
 	proxyAddr := freeAddr(t)
-	env.writeConfig(t, "1s", fmt.Sprintf(`[[listener]]
-name = "public"
-listen = %q
-
-  [[listener.route]]
-  sni = "web.test"
-  mode = "l7"
-  tls_cert = %q
-  tls_key = %q
-  backend = %q
-  backend_protocol = "http1"
-`, proxyAddr, leaf.CertFile, leaf.KeyFile, backend))
+	env.writeConfig(t, "1s", l7Listener(proxyAddr, "web.test", leaf, backend))
 	d := env.start(t)
 
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{

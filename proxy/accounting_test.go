@@ -50,6 +50,22 @@ func (s *logSink) lines() []map[string]any {
 	return out
 }
 
+// waitLine waits for a line whose key has value and returns it.
+func (s *logSink) waitLine(t *testing.T, key, value string) map[string]any {
+	t.Helper()
+	var line map[string]any
+	testnet.WaitFor(t, "a line with "+key+"="+value, func() bool {
+		for _, l := range s.lines() {
+			if l[key] == value {
+				line = l
+				return true
+			}
+		}
+		return false
+	})
+	return line
+}
+
 // accessLines returns the "connection" lines logged so far.
 func (s *logSink) accessLines() []map[string]any {
 	var out []map[string]any
@@ -233,16 +249,7 @@ func TestNoRouteLogNamesSNI(t *testing.T) {
 	}
 	defer c.Close()
 	c.Write(clientHelloBytes(t, &tls.Config{ServerName: "missing.test"}))
-	var line map[string]any
-	testnet.WaitFor(t, "the no_route line", func() bool {
-		for _, l := range sink.lines() {
-			if l["reason"] == "no_route" {
-				line = l
-				return true
-			}
-		}
-		return false
-	})
+	line := sink.waitLine(t, "reason", "no_route")
 	if e, _ := line["err"].(string); !strings.Contains(e, `"missing.test"`) {
 		t.Fatalf("no_route line %v does not name the SNI", line)
 	}
@@ -296,16 +303,7 @@ func TestMaxConnectionsLogNamesClient(t *testing.T) {
 	if second, err := d.Dial("tcp", h.addr("l")); err == nil {
 		defer second.Close()
 	}
-	var line map[string]any
-	testnet.WaitFor(t, "the max_connections line", func() bool {
-		for _, l := range sink.lines() {
-			if l["reason"] == "max_connections" {
-				line = l
-				return true
-			}
-		}
-		return false
-	})
+	line := sink.waitLine(t, "reason", "max_connections")
 	if c, _ := line["client"].(string); !strings.HasPrefix(c, "127.0.0.3:") {
 		t.Fatalf("max_connections line %v: client want 127.0.0.3:port", line)
 	}
