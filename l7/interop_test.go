@@ -74,19 +74,23 @@ func TestHTTP1BodyStillMovingWhenResponseStarts(t *testing.T) {
 	}
 }
 
+// trailerPaths are the client/backend pairs the trailer tests run: both
+// reverse-proxy paths and the HTTP/2 relay.
+var trailerPaths = []struct {
+	backend  string
+	clientH2 bool
+}{
+	{beH2C, false},
+	{beHTTP1, false},
+	{beHTTP1, true},
+	{beH2C, true}, // the relay
+}
+
 // Request trailers (HTTP/1.1 chunked trailers, HTTP/2 trailing HEADERS)
 // reach the backend on the reverse-proxy path as they do on the HTTP/2
 // relay.
 func TestRequestTrailers(t *testing.T) {
-	for _, tc := range []struct {
-		backend  string
-		clientH2 bool
-	}{
-		{beH2C, false},
-		{beHTTP1, false},
-		{beHTTP1, true},
-		{beH2C, true}, // the relay
-	} {
+	for _, tc := range trailerPaths {
 		t.Run(fmt.Sprintf("%s/h2client=%v", tc.backend, tc.clientH2), func(t *testing.T) {
 			checkLeaks(t)
 			pki := newTestPKI(t)
@@ -124,15 +128,7 @@ func TestRequestTrailers(t *testing.T) {
 // (as Apache once did, CVE-2013-5704) would otherwise take the client's
 // word for its address.
 func TestRequestTrailersForwardingHeaders(t *testing.T) {
-	for _, tc := range []struct {
-		backend  string
-		clientH2 bool
-	}{
-		{beH2C, false},
-		{beHTTP1, false},
-		{beHTTP1, true},
-		{beH2C, true}, // the relay
-	} {
+	for _, tc := range trailerPaths {
 		t.Run(fmt.Sprintf("%s/h2client=%v", tc.backend, tc.clientH2), func(t *testing.T) {
 			checkLeaks(t)
 			pki := newTestPKI(t)
