@@ -68,7 +68,7 @@ func BenchmarkRelayRequestHeaders(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		blk := read()
-		fields, code, errCode := r.requestFields(blk)
+		fields, _, code, errCode := r.requestFields(blk)
 		if code != 0 || errCode != http2.ErrCodeNo {
 			b.Fatalf("refused: %d %v", code, errCode)
 		}

@@ -118,7 +118,7 @@ func (r *relay) clientHeaders(f *headerBlock) error {
 	}
 	r.mu.Unlock()
 
-	fields, code, errCode := r.requestFields(f)
+	fields, bodyLeft, code, errCode := r.requestFields(f)
 	switch {
 	case errCode != http2.ErrCodeNo:
 		c := r.client
@@ -132,8 +132,7 @@ func (r *relay) clientHeaders(f *headerBlock) error {
 		return nil
 	}
 
-	st := &relayStream{id: id, start: now, reqDone: f.endStream, head: isHead(f)}
-	st.bodyLeft, _ = requestLength(f)
+	st := &relayStream{id: id, start: now, reqDone: f.endStream, head: isHead(f), bodyLeft: bodyLeft}
 	r.mu.Lock()
 	if r.ended {
 		r.mu.Unlock()

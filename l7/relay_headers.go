@@ -13,40 +13,41 @@ import (
 
 // requestFields checks a request's header block and returns the one the
 // backend gets: :scheme of the backend connection, the forwarding headers
-// as the package comment describes, hop-by-hop headers removed. A request
+// as the package comment describes, hop-by-hop headers removed; and its
+// content-length (-1 without one), which its DATA must match. A request
 // the relay answers itself gets a status instead; a malformed one gets a
 // stream error code.
-func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status int, errCode http2.ErrCode) {
+func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, bodyLeft int64, status int, errCode http2.ErrCode) {
 	method, path, scheme := f.pseudoValue("method"), f.pseudoValue("path"), f.pseudoValue("scheme")
 	switch {
 	case f.truncated:
-		return nil, http.StatusRequestHeaderFieldsTooLarge, http2.ErrCodeNo
+		return nil, 0, http.StatusRequestHeaderFieldsTooLarge, http2.ErrCodeNo
 	case method == "" || f.pseudo&pseudoStatus != 0:
-		return nil, 0, http2.ErrCodeProtocol
+		return nil, 0, 0, http2.ErrCodeProtocol
 	case method == http.MethodConnect:
-		return nil, http.StatusMethodNotAllowed, http2.ErrCodeNo
+		return nil, 0, http.StatusMethodNotAllowed, http2.ErrCodeNo
 	case path == "" || scheme == "":
-		return nil, 0, http2.ErrCodeProtocol
+		return nil, 0, 0, http2.ErrCodeProtocol
 	}
 	// A malformed request must not reach a backend, which may read it
 	// differently, or as more than one request (RFC 9113, 8.1.1): what
 	// the general path's HTTP/2 server refuses
 	// (x/net/internal/httpcommon.NewServerRequest), and a content-length
 	// the request's DATA cannot match (clientData checks the rest).
-	length, ok := requestLength(f)
+	length, ok := contentLength(f)
 	authority := f.pseudoValue("authority")
 	switch {
 	case !ok || f.endStream && length > 0:
-		return nil, 0, http2.ErrCodeProtocol
+		return nil, 0, 0, http2.ErrCodeProtocol
 	case path[0] != '/' && path != "*":
-		return nil, 0, http2.ErrCodeProtocol
+		return nil, 0, 0, http2.ErrCodeProtocol
 	case !httpguts.ValidHeaderFieldName(method):
-		return nil, 0, http2.ErrCodeProtocol
+		return nil, 0, 0, http2.ErrCodeProtocol
 	case !validAuthority(authority):
-		return nil, 0, http2.ErrCodeProtocol
+		return nil, 0, 0, http2.ErrCodeProtocol
 	case f.pseudo&pseudoProtocol != 0:
 		// Extended CONNECT, which the relay does not offer.
-		return nil, 0, http2.ErrCodeProtocol
+		return nil, 0, 0, http2.ErrCodeProtocol
 	}
 
 	trusted := r.ci.TrustForwarded
@@ -62,10 +63,10 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 			hf.Value = r.h.scheme
 		case "connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade":
 			// Connection-specific: malformed in HTTP/2 (RFC 9113, 8.2.2).
-			return nil, 0, http2.ErrCodeProtocol
+			return nil, 0, 0, http2.ErrCodeProtocol
 		case "te":
 			if hf.Value != "trailers" {
-				return nil, 0, http2.ErrCodeProtocol
+				return nil, 0, 0, http2.ErrCodeProtocol
 			}
 		case "proxy-authorization", "proxy-authenticate":
 			continue // meant for the proxy, as ReverseProxy treats them
@@ -73,7 +74,7 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 			// A Host that names another host than :authority would
 			// escape the misdirected check (RFC 9113, 8.3.1).
 			if hosts++; hosts > 1 || authority != "" && hf.Value != authority || !validAuthority(hf.Value) {
-				return nil, 0, http2.ErrCodeProtocol
+				return nil, 0, 0, http2.ErrCodeProtocol
 			}
 			host = hf.Value
 		case "x-forwarded-for":
@@ -100,7 +101,7 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 		out = append(out, hf)
 	}
 	if r.ci.misdirected(host) {
-		return nil, http.StatusMisdirectedRequest, http2.ErrCodeNo
+		return nil, 0, http.StatusMisdirectedRequest, http2.ErrCodeNo
 	}
 	if r.clientIP != "" && !hasRealIP {
 		out = append(out, hpack.HeaderField{Name: "x-real-ip", Value: r.clientIP})
@@ -119,7 +120,7 @@ func (r *relay) requestFields(f *headerBlock) (out []hpack.HeaderField, status i
 	if host != "" {
 		out = append(out, hpack.HeaderField{Name: "x-forwarded-host", Value: host})
 	}
-	return out, 0, http2.ErrCodeNo
+	return out, length, 0, http2.ErrCodeNo
 }
 
 // trailerFields checks a request's trailers and returns the ones the
@@ -176,17 +177,17 @@ func connectionSpecific(name string) bool {
 // must bring: 0 if it has none (RFC 9110, 6.4.1), whatever its
 // content-length, which then describes the response a GET would have
 // had; else its content-length, -1 without one. ok is false as for
-// requestLength.
+// contentLength.
 func responseLength(b *headerBlock, code int, head bool) (n int64, ok bool) {
 	if head || code == http.StatusNoContent || code == http.StatusNotModified {
 		return 0, true
 	}
-	return requestLength(b)
+	return contentLength(b)
 }
 
-// requestLength returns a request's content-length, -1 if it has none.
+// contentLength returns a message's content-length, -1 if it has none.
 // ok is false if a content-length is not a number, or two disagree.
-func requestLength(b *headerBlock) (n int64, ok bool) {
+func contentLength(b *headerBlock) (n int64, ok bool) {
 	n = -1
 	for _, f := range b.fields {
 		if f.Name != "content-length" {
