@@ -163,11 +163,9 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 				srv.Shutdown(c.ctx)
 				conn.Close()
 			})
-		case http.StateHijacked:
-			// An upgrade: no longer the server's; its handler runs on
-			// and c.finish waits for it.
-			l.connDone()
-		case http.StateClosed:
+		case http.StateClosed, http.StateHijacked:
+			// A hijacked connection (an upgrade) is no longer the
+			// server's; its handler runs on and c.finish waits for it.
 			l.connDone()
 		}
 	}
