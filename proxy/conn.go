@@ -136,7 +136,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 			TrustForwarded: containsAddr(lc.forwardedTrusted, client.Addr()),
 			SNI:            sni,
 			Cut:            s.hardCtx,
-			RoutedHere:     func(host string) bool { return lc.routes.lookup(host) == r },
+			RoutedHere:     r.routedHere,
 		})
 		// The hello was read before the handler, as on L4 routes.
 		in, out := uint64(len(raw))+lconn.in.Load(), lconn.out.Load()

@@ -52,7 +52,11 @@ type route struct {
 	backend   string
 	sendProxy bool
 	l7        *l7.Handler // nil for L4
-	m         routeMetrics
+	// routedHere is l7.ConnInfo.RoutedHere for the route's connections:
+	// whether a connection for a host would have been routed here. Made
+	// once per snapshot, L7 routes only.
+	routedHere func(host string) bool
+	m          routeMetrics
 }
 
 // geoHandle shares one opened GeoIP database between consecutive
@@ -201,6 +205,8 @@ func (s *Server) compileListener(cfg *config.Config, li int, key string, l *conf
 				return lc, cfg.KeyError(cfg.RouteKey(li, j)+"."+field, &relabeled{msg, err})
 			}
 			r.l7 = h
+			routes := lc.routes
+			r.routedHere = func(host string) bool { return routes.lookup(host) == r }
 		}
 		lc.routes.add(r)
 	}
