@@ -273,18 +273,26 @@ func TestServeSIGTERMDrainsWebSocket(t *testing.T) {
 	}
 }
 
-// TestServeSecondSignalExits: while draining (a connection that will not
-// finish, a long grace period), a second signal exits at once.
-func TestServeSecondSignalExits(t *testing.T) {
+// drainingDaemon starts a daemon with a 60 s grace period, opens a
+// relayed connection that will not finish and sends SIGTERM, returning
+// once the drain has begun.
+func drainingDaemon(t *testing.T) (env *testEnv, d *daemon, proxyAddr string) {
+	t.Helper()
 	backend, gotHello := stuckBackend(t)
-	env := newEnv(t)
-	proxyAddr := freeAddr(t)
+	env = newEnv(t)
+	proxyAddr = freeAddr(t)
 	env.writeConfig(t, "60s", l4Listener(proxyAddr, "app.test", backend))
-	d := env.start(t)
-
+	d = env.start(t)
 	openProxied(t, proxyAddr, "app.test", gotHello)
 	d.signal(t, syscall.SIGTERM)
 	d.waitLog(t, 1, "shutting down: draining connections")
+	return env, d, proxyAddr
+}
+
+// TestServeSecondSignalExits: while draining (a connection that will not
+// finish, a long grace period), a second signal exits at once.
+func TestServeSecondSignalExits(t *testing.T) {
+	_, d, _ := drainingDaemon(t)
 	if !d.running() {
 		t.Fatal("daemon exited before the grace period although a connection was live")
 	}
@@ -301,15 +309,7 @@ func TestServeSecondSignalExits(t *testing.T) {
 // so operators can watch it; `ctl status` must still list the listener
 // with the connection it is waiting for, not an empty table.
 func TestServeStatusWhileDraining(t *testing.T) {
-	backend, gotHello := stuckBackend(t)
-	env := newEnv(t)
-	proxyAddr := freeAddr(t)
-	env.writeConfig(t, "60s", l4Listener(proxyAddr, "app.test", backend))
-	d := env.start(t)
-
-	openProxied(t, proxyAddr, "app.test", gotHello)
-	d.signal(t, syscall.SIGTERM)
-	d.waitLog(t, 1, "shutting down: draining connections")
+	env, d, proxyAddr := drainingDaemon(t)
 	waitRefused(t, proxyAddr)
 	code, out, stderr := runCmd("ctl", "-admin", "unix:"+env.sock, "status")
 	if code != 0 {
