@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -19,9 +18,7 @@ import (
 func startManager(t *testing.T, cfg string) (path string, srv *proxy.Server, m *Manager) {
 	t.Helper()
 	path = filepath.Join(t.TempDir(), "portcullis.toml")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeTo(t, path, cfg)
 	srv = proxy.NewServer(proxy.Options{})
 	m = New(Options{Path: path, Server: srv})
 	if err := m.Start(context.Background()); err != nil {
@@ -53,9 +50,7 @@ func TestWildcardListenRespelled(t *testing.T) {
 	path, srv, m := startManager(t, cfg(fmt.Sprintf(":%d", port)))
 	hello := testnet.ClientHello(t, &tls.Config{ServerName: "app.test"})
 	for _, listen := range []string{fmt.Sprintf("0.0.0.0:%d", port), fmt.Sprintf("[::]:%d", port), fmt.Sprintf("[::ffff:0.0.0.0]:%d", port), fmt.Sprintf(":%d", port)} {
-		if err := os.WriteFile(path, []byte(cfg(listen)), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		writeTo(t, path, cfg(listen))
 		if err := m.Reload("test"); err != nil {
 			t.Fatalf("re-spelling the listen address as %q: %v", listen, err)
 		}

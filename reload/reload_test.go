@@ -73,8 +73,14 @@ func (r *rig) start() {
 
 func (r *rig) write(cfg string) {
 	r.t.Helper()
-	if err := os.WriteFile(r.path, []byte(cfg), 0o644); err != nil {
-		r.t.Fatal(err)
+	writeTo(r.t, r.path, cfg)
+}
+
+// writeTo writes content to path, in place if the file exists.
+func writeTo(t testing.TB, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -20,9 +20,7 @@ func TestWatchSymlinkToFileInSameDir(t *testing.T) {
 	b := testnet.NamedBackend(t, "B")
 	dir := t.TempDir()
 	real := filepath.Join(dir, "portcullis.prod.toml")
-	if err := os.WriteFile(real, []byte(appConfig(a)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeTo(t, real, appConfig(a))
 	link := filepath.Join(dir, "portcullis.toml")
 	if err := os.Symlink("portcullis.prod.toml", link); err != nil {
 		t.Fatal(err)
@@ -30,9 +28,7 @@ func TestWatchSymlinkToFileInSameDir(t *testing.T) {
 	r := &rig{t: t, dir: dir, path: link}
 	r.start()
 	r.await("l", "A")
-	if err := os.WriteFile(real, []byte(appConfig(b)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeTo(t, real, appConfig(b))
 	r.await("l", "B")
 }
 
@@ -47,9 +43,7 @@ func TestWatchDirSymlinkSwap(t *testing.T) {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(filepath.Join(d, "portcullis.toml"), []byte(appConfig(backend)), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		writeTo(t, filepath.Join(d, "portcullis.toml"), appConfig(backend))
 	}
 	mk("v1", a)
 	cur := filepath.Join(root, "current")
@@ -146,9 +140,7 @@ func TestWatchDotDotAfterSymlink(t *testing.T) {
 		t.Fatal(err)
 	}
 	real := filepath.Join(root, "real", "portcullis.toml")
-	if err := os.WriteFile(real, []byte(appConfig(a)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeTo(t, real, appConfig(a))
 	if err := os.Symlink(filepath.Join("real", "sub"), filepath.Join(root, "link")); err != nil {
 		t.Fatal(err)
 	}
@@ -157,9 +149,7 @@ func TestWatchDotDotAfterSymlink(t *testing.T) {
 	r := &rig{t: t, dir: root, path: path}
 	r.start()
 	r.await("l", "A")
-	if err := os.WriteFile(real, []byte(appConfig(b)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeTo(t, real, appConfig(b))
 	r.await("l", "B")
 }
 
@@ -194,9 +184,7 @@ func TestWatchDirReplacedWhileFileMissing(t *testing.T) {
 		t.Fatal(err)
 	}
 	path := filepath.Join(dir, "portcullis.toml")
-	if err := os.WriteFile(path, []byte(appConfig(a)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeTo(t, path, appConfig(a))
 	logs := &syncBuffer{}
 	r := &rig{t: t, dir: dir, path: path, log: slog.New(slog.NewTextHandler(logs, nil))}
 	r.start()
@@ -214,9 +202,7 @@ func TestWatchDirReplacedWhileFileMissing(t *testing.T) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(path, []byte(appConfig(b)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeTo(t, path, appConfig(b))
 	r.await("l", "B")
 }
 
@@ -231,9 +217,7 @@ func TestWatchInPlaceWriteThroughAnotherName(t *testing.T) {
 	b := testnet.NamedBackend(t, "B")
 	host, etc := t.TempDir(), t.TempDir()
 	other := filepath.Join(host, "portcullis.toml")
-	if err := os.WriteFile(other, []byte(appConfig(a)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeTo(t, other, appConfig(a))
 	path := filepath.Join(etc, "portcullis.toml")
 	if err := os.Link(other, path); err != nil {
 		t.Fatal(err)
