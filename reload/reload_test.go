@@ -60,7 +60,14 @@ func (r *rig) start() {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { r.m.Watch(ctx); close(done) }()
+	go func() {
+		defer close(done)
+		// A watcher that could not start (no inotify instance to be
+		// had) would otherwise leave a test waiting for a reload.
+		if err := r.m.Watch(ctx); err != nil {
+			t.Errorf("Watch: %v", err)
+		}
+	}()
 	r.hello = testnet.ClientHello(t, &tls.Config{ServerName: "app.test"})
 	t.Cleanup(func() {
 		cancel()
