@@ -44,6 +44,7 @@ type options struct {
 
 	haproxySplice bool
 	floor         bool
+	compare       string
 }
 
 func main() {
@@ -62,6 +63,7 @@ func run(args []string) int {
 	fs.IntVar(&o.workers, "workers", 8, "concurrent workers in the connection-rate phase")
 	fs.IntVar(&o.rounds, "rounds", 5, "split each bulk and rate phase into this many rounds, alternating the targets")
 	fs.StringVar(&o.bin, "bin", "", "portcullis binary to run (default: go build the module into the temp dir)")
+	fs.StringVar(&o.compare, "compare", "", "also measure this second portcullis binary, as target portcullis-b: an A/B of a change in one run, alternating rounds like every target")
 	fs.IntVar(&o.procs, "proxy-procs", 0, "run portcullis with GOMAXPROCS set to this (0: the runtime's default)")
 	fs.StringVar(&o.godebug, "proxy-godebug", "", "run portcullis with GODEBUG set to this")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "try to raise the hard RLIMIT_NOFILE to this first (needs CAP_SYS_RESOURCE; 0: keep it)")
@@ -235,14 +237,24 @@ func benchmark(ctx context.Context, o options, cl *cleanup) (*report, error) {
 
 	targets := []*target{{name: "direct", addr: be.addr()}}
 
-	pc, addr, metricsAddr, err := startPortcullis(ctx, dir, bin, be.addr(), o.procs, o.godebug, o.cpus)
-	if pc != nil {
-		cl.add(pc.stop)
+	bins := []string{bin}
+	if o.compare != "" {
+		bins = append(bins, o.compare)
 	}
-	if err != nil {
-		return nil, err
+	for i, bin := range bins {
+		name := "portcullis"
+		if i > 0 {
+			name = "portcullis-b"
+		}
+		pc, addr, metricsAddr, err := startPortcullis(ctx, name, dir, bin, be.addr(), o.procs, o.godebug, o.cpus)
+		if pc != nil {
+			cl.add(pc.stop)
+		}
+		if err != nil {
+			return nil, err
+		}
+		targets = append(targets, &target{name: name, addr: addr, proc: pc, metricsURL: "http://" + metricsAddr + "/metrics"})
 	}
-	targets = append(targets, &target{name: "portcullis", addr: addr, proc: pc, metricsURL: "http://" + metricsAddr + "/metrics"})
 
 	if o.haproxy == "off" {
 		rep.HAProxy = "HAProxy not run (-haproxy off)"
@@ -608,7 +620,7 @@ func addFloors(ctx context.Context, cl *cleanup, dir, backendAddr string, cpus c
 
 // startPortcullis writes the config and starts `portcullis serve`,
 // returning once its listener accepts.
-func startPortcullis(ctx context.Context, dir, bin, backendAddr string, procs int, godebug string, cpus cpuLayout) (c *child, addr, metricsAddr string, err error) {
+func startPortcullis(ctx context.Context, name, dir, bin, backendAddr string, procs int, godebug string, cpus cpuLayout) (c *child, addr, metricsAddr string, err error) {
 	ports, err := freePorts(2)
 	if err != nil {
 		return nil, "", "", err
@@ -631,8 +643,8 @@ listen = %q
   [[listener.route]]
   sni = %q
   backend = %q
-`, metricsAddr, strconv.Quote(filepath.Join(dir, "state.db")), addr, serverName, backendAddr)
-	path := filepath.Join(dir, "portcullis.toml")
+`, metricsAddr, strconv.Quote(filepath.Join(dir, name+".db")), addr, serverName, backendAddr)
+	path := filepath.Join(dir, name+".toml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		return nil, "", "", err
 	}
@@ -644,7 +656,7 @@ listen = %q
 	if argv, err = cpus.proxyArgv(argv); err != nil {
 		return nil, "", "", err
 	}
-	c, err = startChild("portcullis", filepath.Join(dir, "portcullis.log"), argv...)
+	c, err = startChild(name, filepath.Join(dir, name+".log"), argv...)
 	if err != nil {
 		return nil, "", "", err
 	}

@@ -178,7 +178,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	release()
 
 	handedOff = true
-	startRelay(c, b, lc.idleTimeout, s.metrics.noPipe, func(res relayResult) {
+	s.relay(socks, c, b, lc.idleTimeout, func(res relayResult) {
 		c.Close()
 		b.Close()
 		res.toBackend += int64(helloLen)
@@ -202,15 +202,20 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 type sockets struct {
 	client  *net.TCPConn
 	backend atomic.Pointer[net.TCPConn] // set once dialed
+	loop    atomic.Pointer[loopConn]    // set while an event loop relays them
 	closing atomic.Bool
 }
 
-// close is the hard shutdown's: it closes whatever is there.
+// close is the hard shutdown's: it closes whatever is there. A closed
+// socket brings an event loop no event, so a relay in one is told.
 func (s *sockets) close() {
 	s.closing.Store(true)
 	s.client.Close()
 	if b := s.backend.Load(); b != nil {
 		b.Close()
+	}
+	if c := s.loop.Load(); c != nil {
+		c.cut()
 	}
 }
 

@@ -35,10 +35,32 @@ type relayResult struct {
 // noPipe counts directions that moved bulk data without splice because
 // no pipe could be had (see newSplicer).
 func startRelay(client, backend *net.TCPConn, idle time.Duration, noPipe prometheus.Counter, finish func(relayResult)) {
-	j := &relayJob{client: client, backend: backend, idle: idle, noPipe: noPipe, act: newActivity(client, backend), finish: finish}
-	j.pending.Store(2)
-	go j.copyToBackend()
-	go j.copyToClient()
+	newRelayJob(client, backend, idle, noPipe, finish).start()
+}
+
+func newRelayJob(client, backend *net.TCPConn, idle time.Duration, noPipe prometheus.Counter, finish func(relayResult)) *relayJob {
+	return &relayJob{client: client, backend: backend, idle: idle, noPipe: noPipe, act: newActivity(client, backend), finish: finish}
+}
+
+// start runs the directions not yet done in goroutines of their own:
+// both for a relay that starts here, the rest for one an event loop
+// hands over (see eventLoop.migrate).
+func (j *relayJob) start() {
+	live := int32(2)
+	for i, done := range j.dirDone {
+		if done {
+			live--
+			j.ends[i] = "done"
+			j.act.lastEOF()
+		}
+	}
+	j.pending.Store(live)
+	if !j.dirDone[0] {
+		go j.copyToBackend()
+	}
+	if !j.dirDone[1] {
+		go j.copyToClient()
+	}
 }
 
 // relayJob is one relay's shared state.
@@ -49,24 +71,41 @@ type relayJob struct {
 	act             *activity
 	finish          func(relayResult)
 
+	// Set by an event loop that relayed the connection's first bytes
+	// (see eventLoop.migrate): a direction already done, and bytes read
+	// but not yet written, which the direction writes first.
+	dirDone [2]bool
+	seeds   [2]seed
+
 	pending             atomic.Int32
 	toBackend, toClient int64     // each written by its own direction
 	ends                [2]string // why each direction ended
 }
 
+// seed is a pooled chunk holding bytes read from a direction's source:
+// buf[off:n] is not written yet.
+type seed struct {
+	buf    *[]byte
+	off, n int
+}
+
 // copyToBackend and copyToClient are the two directions, named so that
 // goroutine dumps say which way a stuck copy was going.
 func (j *relayJob) copyToBackend() {
-	j.toBackend, j.ends[0] = pipe(j.backend, j.client, "client", j.idle, j.act, j.noPipe)
+	n, end := pipe(j.backend, j.client, "client", j.idle, j.act, j.noPipe, j.seeds[0])
+	j.toBackend += n
+	j.ends[0] = end
 	j.done()
 }
 
 func (j *relayJob) copyToClient() {
-	j.toClient, j.ends[1] = pipe(j.client, j.backend, "backend", j.idle, j.act, j.noPipe)
+	n, end := pipe(j.client, j.backend, "backend", j.idle, j.act, j.noPipe, j.seeds[1])
+	j.toClient += n
+	j.ends[1] = end
 	j.done()
 }
 
-// done runs finish when the second direction ends; the atomic counter
+// done runs finish when the last direction ends; the atomic counter
 // orders both directions' writes before finish reads them.
 func (j *relayJob) done() {
 	if j.pending.Add(-1) != 0 {
@@ -106,7 +145,7 @@ var chunks = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b
 // check; only a connection silent in both directions for the whole
 // period is closed. A write that times out keeps what it has not written
 // yet, in its buffer or pipe, and the next step writes that first.
-func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activity, noPipe prometheus.Counter) (int64, string) {
+func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activity, noPipe prometheus.Counter, first seed) (int64, string) {
 	var total int64
 	tick := idle / 4
 	// The counters are first read at the first tick, not here: most
@@ -118,10 +157,19 @@ func pipe(dst, src *net.TCPConn, srcName string, idle time.Duration, act *activi
 	var armed time.Time // the read deadline now set on src, and the write deadline on dst
 	d, err := newDirection(dst, src)
 	if err != nil { // only for a connection already closed
+		if first.buf != nil {
+			chunks.Put(first.buf)
+		}
 		act.close(endReason(err, srcName))
 		src.Close()
 		dst.Close()
 		return 0, act.reason()
+	}
+	if first.buf != nil {
+		// Written before anything is read; a chunk the loop read whole
+		// reports full, and the direction goes on by splice.
+		d.pending = first.buf
+		d.cw = chunkWriter{p: (*first.buf)[:first.n], n: first.off}
 	}
 	for {
 		if idle > 0 {
@@ -383,4 +431,17 @@ func endReason(err error, srcName string) string {
 		return "closed" // shutdown grace expired
 	}
 	return "error: " + err.Error()
+}
+
+// relay starts an L4 connection's relay in one of the Server's event
+// loops, or in goroutines where there are none.
+func (s *Server) relay(socks *sockets, client, backend *net.TCPConn, idle time.Duration, finish func(relayResult)) {
+	s.loops.relay(newRelayJob(client, backend, idle, s.metrics.noPipe, finish), socks)
+}
+
+func (ls *eventLoops) relay(j *relayJob, socks *sockets) {
+	if l := ls.pick(); l != nil && l.adopt(j, socks) {
+		return
+	}
+	j.start()
 }

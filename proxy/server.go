@@ -57,6 +57,8 @@ type Server struct {
 	cancelDrain, cancelHard context.CancelFunc
 	conns                   sync.WaitGroup
 	live                    atomic.Int64 // connections conns is waiting for, so Shutdown knows whether it cut any
+
+	loops eventLoops // relay L4 connections until they carry bulk data
 }
 
 // NewServer returns a Server with no listeners.
@@ -302,6 +304,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		<-done
 	}
 	s.cancelHard()
+	// No connection is left, so no loop holds one.
+	s.loops.stop()
 	if snap := s.current.Swap(nil); snap != nil {
 		snap.release(nil)
 	}

@@ -257,7 +257,7 @@ func relayWithoutPipe(t *testing.T, writer, src, dst, reader *net.TCPConn, data 
 	t.Helper()
 	got := stream(writer, reader, data, 0)
 	noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "no_pipe"})
-	n, end := pipe(dst, src, "client", 0, newActivity(src, dst), noPipe)
+	n, end := pipe(dst, src, "client", 0, newActivity(src, dst), noPipe, seed{})
 	if n != int64(len(data)) || end != "done" {
 		t.Fatalf("relayed %d bytes, ended %q; want %d and done", n, end, len(data))
 	}

@@ -1,0 +1,576 @@
+package proxy
+
+import (
+	"errors"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+// An L4 relay starts in an event loop, not in goroutines of its own.
+// Most connections only ever carry small messages (a TLS handshake, a
+// request, a response) and then sit idle or close; a goroutine per
+// direction pays the scheduler a wakeup, a park and a stack for each of
+// those, where a loop moves them from one epoll wakeup that serves every
+// ready connection at once and holds an idle one in a few hundred bytes.
+// The first read that fills a whole chunk means bulk data: the loop then
+// hands the connection to the goroutine relay (relayJob), which splices.
+//
+// The loop borrows the sockets, it does not own them: they stay
+// *net.TCPConn, every system call on them goes through RawConn.Control
+// (which holds the descriptor open against a concurrent Close), and
+// closing them is net's Close as everywhere else. A hard shutdown that
+// closes them tells the loop through loopConn.cut.
+
+// eventLoops are a Server's loops, one per GOMAXPROCS, started with the
+// first relay and stopped by Shutdown.
+type eventLoops struct {
+	mu      sync.Mutex
+	loops   atomic.Pointer[[]*eventLoop]
+	stopped bool
+	next    atomic.Uint32
+	failed  bool // the loops could not be made: relay in goroutines
+}
+
+// pick returns the loop for a new relay, or nil when relays must run in
+// goroutines (the loops could not start, or the Server shut down).
+func (ls *eventLoops) pick() *eventLoop {
+	all := ls.loops.Load()
+	if all == nil {
+		all = ls.startLoops()
+		if all == nil {
+			return nil
+		}
+	}
+	return (*all)[ls.next.Add(1)%uint32(len(*all))]
+}
+
+func (ls *eventLoops) startLoops() *[]*eventLoop {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	if all := ls.loops.Load(); all != nil || ls.stopped || ls.failed {
+		return all
+	}
+	var all []*eventLoop
+	for range runtime.GOMAXPROCS(0) {
+		l, err := newEventLoop()
+		if err != nil {
+			for _, l := range all {
+				l.stop()
+			}
+			ls.failed = true
+			return nil
+		}
+		all = append(all, l)
+	}
+	for _, l := range all {
+		go l.run()
+	}
+	ls.loops.Store(&all)
+	return &all
+}
+
+// stop ends the loops' goroutines. The Server calls it once no
+// connection is left, so no loop holds one.
+func (ls *eventLoops) stop() {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	ls.stopped = true
+	if all := ls.loops.Swap(nil); all != nil {
+		for _, l := range *all {
+			l.stop()
+		}
+	}
+}
+
+// eventLoop is one epoll instance and the relays registered with it.
+// Everything about its connections happens under mu: the loop's event
+// batches, a relay's arrival, an idle check and a hard cut.
+type eventLoop struct {
+	ep   int
+	file *os.File // ep, waited on through the runtime's poller
+	done chan struct{}
+
+	mu     sync.Mutex
+	conns  map[uint32]*loopConn
+	nextID uint32
+	buf    []byte // the read buffer, shared by every connection
+	after  []func()
+}
+
+func newEventLoop() (*eventLoop, error) {
+	ep, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	if err := syscall.SetNonblock(ep, true); err != nil {
+		syscall.Close(ep)
+		return nil, err
+	}
+	return &eventLoop{
+		ep:    ep,
+		file:  os.NewFile(uintptr(ep), "epoll"),
+		done:  make(chan struct{}),
+		conns: map[uint32]*loopConn{},
+		buf:   make([]byte, chunkSize),
+	}, nil
+}
+
+func (l *eventLoop) stop() {
+	l.file.Close()
+	<-l.done
+}
+
+// run waits for the epoll descriptor to become readable through the
+// runtime's poller, so no thread blocks in epoll_wait (the scheduler's
+// monitor would retake its P on every wait, which costs more than the
+// wait), then handles what is ready with a non-blocking epoll_wait.
+// Callbacks that log and count (a finished relay's) run after the lock
+// is released.
+func (l *eventLoop) run() {
+	defer close(l.done)
+	rc, err := l.file.SyscallConn()
+	if err != nil {
+		return
+	}
+	events := make([]syscall.EpollEvent, 128)
+	poll := func(uintptr) bool {
+		l.mu.Lock()
+		n := epollPoll(l.ep, events)
+		for _, ev := range events[:n] {
+			l.handle(ev)
+		}
+		after := l.takeAfter()
+		l.mu.Unlock()
+		runAll(after)
+		return n > 0
+	}
+	for rc.Read(poll) == nil {
+	}
+}
+
+// takeAfter returns the callbacks queued under mu, for the caller to run
+// once it has released mu.
+func (l *eventLoop) takeAfter() []func() {
+	after := l.after
+	l.after = nil
+	return after
+}
+
+func runAll(fs []func()) {
+	for _, f := range fs {
+		f()
+	}
+}
+
+// loopConn is a relay while its loop moves its bytes.
+type loopConn struct {
+	l        *eventLoop
+	id       uint32
+	job      *relayJob
+	socks    *sockets
+	sock     [2]loopSocket // client, backend
+	dir      [2]loopDir    // client → backend, backend → client
+	idle     *time.Timer
+	tick     time.Duration
+	lastSeen uint64 // the kernel's byte counters at the last idle check
+	moved    int64  // bytes written either way, at the last idle check
+	quiet    time.Duration
+	gone     bool // finished or handed over to goroutines
+}
+
+// loopSocket is one socket as the loop sees it. Readiness is
+// edge-triggered: a flag stays set until a call says EAGAIN (or a short
+// read drains the socket).
+type loopSocket struct {
+	rc         syscall.RawConn
+	call       func(uintptr) // s.run, made once
+	readable   bool
+	writable   bool
+	peerClosed bool // EPOLLRDHUP seen: read on until EOF, which brings no edge
+	watchOut   bool // EPOLLOUT is in the registration (only once a write would block)
+
+	// The current operation, its arguments and results, so that calls
+	// through RawConn.Control allocate nothing.
+	op   int
+	p    []byte
+	n    int
+	err  error
+	ep   int
+	id   int32 // the connection's in the loop, and 0 or 1 for client or backend:
+	side int32 // the event's data, which says what became ready
+}
+
+type loopDir struct {
+	pending *[]byte // a pooled chunk holding read bytes; [off:n] not written yet
+	off, n  int
+	done    bool // source's EOF reached and passed on
+}
+
+const (
+	opRead = iota
+	opWrite
+	opShutdown
+	opAdd
+	opWatchOut
+	opRemove
+)
+
+func (s *loopSocket) run(fd uintptr) {
+	s.err = nil
+	switch s.op {
+	case opRead:
+		for {
+			s.n, s.err = rawRead(fd, s.p)
+			if s.err != syscall.EINTR {
+				return
+			}
+		}
+	case opWrite:
+		for {
+			s.n, s.err = rawWrite(fd, s.p)
+			if s.err != syscall.EINTR {
+				return
+			}
+		}
+	case opShutdown:
+		syscall.RawSyscall(syscall.SYS_SHUTDOWN, fd, syscall.SHUT_WR, 0)
+	case opAdd, opWatchOut:
+		ctl := syscall.EPOLL_CTL_ADD
+		ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET, Fd: s.id, Pad: s.side}
+		if s.op == opWatchOut {
+			ctl = syscall.EPOLL_CTL_MOD
+			ev.Events |= syscall.EPOLLOUT
+		}
+		s.err = epollCtl(s.ep, ctl, int(fd), &ev)
+	case opRemove:
+		s.err = epollCtl(s.ep, syscall.EPOLL_CTL_DEL, int(fd), &syscall.EpollEvent{})
+	}
+}
+
+// do runs op on the socket; an error is the system call's, or net's
+// ErrClosed once the socket was closed.
+func (s *loopSocket) do(op int) error {
+	s.op = op
+	if err := s.rc.Control(s.call); err != nil {
+		return err
+	}
+	return s.err
+}
+
+func (s *loopSocket) read(p []byte) (int, error) {
+	s.p = p
+	err := s.do(opRead)
+	s.p = nil
+	return s.n, err
+}
+
+func (s *loopSocket) write(p []byte) (int, error) {
+	s.p = p
+	err := s.do(opWrite)
+	s.p = nil
+	return s.n, err
+}
+
+// adopt starts relaying j's sockets in the loop. It reports false if the
+// sockets could not be registered; the caller then relays in goroutines.
+func (l *eventLoop) adopt(j *relayJob, socks *sockets) bool {
+	c := &loopConn{l: l, job: j, socks: socks}
+	for i, tc := range []*net.TCPConn{j.client, j.backend} {
+		rc, err := tc.SyscallConn()
+		if err != nil {
+			return false
+		}
+		s := &c.sock[i]
+		s.rc, s.call, s.writable, s.ep = rc, s.run, true, l.ep
+	}
+	l.mu.Lock()
+	for l.conns[l.nextID] != nil {
+		l.nextID++
+	}
+	c.id = l.nextID
+	l.nextID++
+	for i := range c.sock {
+		c.sock[i].id, c.sock[i].side = int32(c.id), int32(i)
+		if err := c.sock[i].do(opAdd); err != nil {
+			if i == 1 {
+				c.sock[0].do(opRemove)
+			}
+			l.mu.Unlock()
+			return false
+		}
+	}
+	l.conns[c.id] = c
+	if j.idle > 0 {
+		c.tick = j.idle / 4
+		c.idle = time.AfterFunc(c.tick, c.idleCheck)
+	}
+	l.mu.Unlock()
+	// A hard shutdown that began before the hook was set has closed the
+	// sockets already, and a closed socket brings no event: cut here.
+	socks.loop.Store(c)
+	if socks.closing.Load() {
+		c.cut()
+	}
+	return true
+}
+
+// cut ends the relay after a hard shutdown closed its sockets.
+func (c *loopConn) cut() {
+	l := c.l
+	l.mu.Lock()
+	if !c.gone {
+		l.end(c, "closed")
+	}
+	after := l.takeAfter()
+	l.mu.Unlock()
+	runAll(after)
+}
+
+// idleCheck runs every quarter of idle_timeout, as the goroutine relay's
+// deadlines do (see pipe): the connection is closed once nothing moved
+// on either socket, either way, for the whole period.
+func (c *loopConn) idleCheck() {
+	l := c.l
+	l.mu.Lock()
+	if !c.gone {
+		moved := c.job.toBackend + c.job.toClient
+		if moved != c.moved {
+			c.moved, c.quiet = moved, 0
+		} else if seen := c.job.act.count(); seen != c.lastSeen {
+			c.lastSeen, c.quiet = seen, 0
+		} else {
+			c.quiet += c.tick
+		}
+		if c.quiet >= c.job.idle {
+			l.end(c, "idle_timeout")
+		} else {
+			c.idle.Reset(c.tick)
+		}
+	}
+	after := l.takeAfter()
+	l.mu.Unlock()
+	runAll(after)
+}
+
+func (l *eventLoop) handle(ev syscall.EpollEvent) {
+	c := l.conns[uint32(ev.Fd)]
+	if c == nil || ev.Pad < 0 || ev.Pad > 1 {
+		return
+	}
+	s := &c.sock[ev.Pad]
+	failed := ev.Events&(syscall.EPOLLERR|syscall.EPOLLHUP) != 0
+	if ev.Events&(syscall.EPOLLIN|syscall.EPOLLRDHUP) != 0 || failed {
+		s.readable = true
+	}
+	if ev.Events&syscall.EPOLLOUT != 0 || failed {
+		s.writable = true
+	}
+	if ev.Events&syscall.EPOLLRDHUP != 0 {
+		s.peerClosed = true
+	}
+	l.pump(c)
+}
+
+// pump moves what can move both ways. The relay ends when both
+// directions are done or one fails, and leaves for goroutines when a
+// direction turns out to carry bulk data.
+func (l *eventLoop) pump(c *loopConn) {
+	bulk := false
+	for i := range c.dir {
+		if c.dir[i].done {
+			continue
+		}
+		full, end := l.move(c, i)
+		if end != "" {
+			l.end(c, end)
+			return
+		}
+		bulk = bulk || full
+	}
+	switch {
+	case c.dir[0].done && c.dir[1].done:
+		l.end(c, "done")
+	case bulk:
+		l.migrate(c)
+	}
+}
+
+var dirSource = [2]string{"client", "backend"}
+
+// move copies direction i until its source or destination would block,
+// writing what is pending first, and half-closes the destination after
+// the source's EOF. full reports a read that filled the whole buffer:
+// the chunk is left pending for the goroutine relay, which splices the
+// rest. end is why the relay must end, if it must.
+func (l *eventLoop) move(c *loopConn, i int) (full bool, end string) {
+	d, src, dst := &c.dir[i], &c.sock[i], &c.sock[1-i]
+	for {
+		if d.pending != nil {
+			if !dst.writable {
+				return false, ""
+			}
+			w, err := dst.write((*d.pending)[d.off:d.n])
+			if err != nil && err != syscall.EAGAIN {
+				return false, l.failure(err, i, true)
+			}
+			d.off += w
+			c.count(i, w)
+			if d.off < d.n {
+				return false, l.blocked(dst, i)
+			}
+			chunks.Put(d.pending)
+			d.pending = nil
+		}
+		if !src.readable {
+			return false, ""
+		}
+		n, err := src.read(l.buf)
+		switch {
+		case err == syscall.EAGAIN:
+			src.readable = false
+			return false, ""
+		case err != nil:
+			return false, l.failure(err, i, false)
+		case n == 0:
+			d.done = true
+			// The second direction to reach EOF leaves its FIN to the
+			// close of both sockets that follows (as pipe does).
+			if !c.dir[1-i].done {
+				dst.do(opShutdown)
+			}
+			return false, ""
+		case n < len(l.buf) && !src.peerClosed:
+			// A short read emptied the socket: the next arrival is a new
+			// edge.
+			src.readable = false
+		}
+		if n == len(l.buf) {
+			d.pending = chunks.Get().(*[]byte)
+			d.off, d.n = 0, copy(*d.pending, l.buf)
+			return true, ""
+		}
+		w := 0
+		if dst.writable {
+			w, err = dst.write(l.buf[:n])
+			if err != nil && err != syscall.EAGAIN {
+				return false, l.failure(err, i, true)
+			}
+			c.count(i, w)
+		}
+		if w < n {
+			d.pending = chunks.Get().(*[]byte)
+			d.off, d.n = 0, copy(*d.pending, l.buf[w:n])
+			return false, l.blocked(dst, i)
+		}
+	}
+}
+
+// blocked marks dst full and makes sure its registration reports room.
+func (l *eventLoop) blocked(dst *loopSocket, i int) string {
+	dst.writable = false
+	if dst.watchOut {
+		return ""
+	}
+	dst.watchOut = true
+	if err := dst.do(opWatchOut); err != nil {
+		return l.failure(err, i, true)
+	}
+	return ""
+}
+
+func (l *eventLoop) failure(err error, i int, writing bool) string {
+	if errors.Is(err, net.ErrClosed) {
+		return "closed"
+	}
+	if writing {
+		err = dstError{os.NewSyscallError("write", err)}
+	} else {
+		err = os.NewSyscallError("read", err)
+	}
+	return endReason(err, dirSource[i])
+}
+
+func (c *loopConn) count(i, n int) {
+	if i == 0 {
+		c.job.toBackend += int64(n)
+	} else {
+		c.job.toClient += int64(n)
+	}
+}
+
+// leave takes c out of the loop's bookkeeping.
+func (l *eventLoop) leave(c *loopConn) {
+	c.gone = true
+	delete(l.conns, c.id)
+	if c.idle != nil {
+		c.idle.Stop()
+	}
+}
+
+// end closes the relay's sockets (which also takes them out of the
+// epoll set) and queues its finish.
+func (l *eventLoop) end(c *loopConn, why string) {
+	l.leave(c)
+	for i := range c.dir {
+		if p := c.dir[i].pending; p != nil {
+			chunks.Put(p)
+			c.dir[i].pending = nil
+		}
+	}
+	j := c.job
+	j.client.Close()
+	j.backend.Close()
+	l.after = append(l.after, func() {
+		j.finish(relayResult{toBackend: j.toBackend, toClient: j.toClient, end: why})
+	})
+}
+
+// migrate hands the relay to goroutines, with what each direction has
+// read and not yet written, once bulk data flows.
+func (l *eventLoop) migrate(c *loopConn) {
+	for i := range c.sock {
+		if err := c.sock[i].do(opRemove); err != nil {
+			l.end(c, l.failure(err, i, false))
+			return
+		}
+	}
+	l.leave(c)
+	j := c.job
+	for i, d := range c.dir {
+		j.dirDone[i] = d.done
+		if d.pending != nil {
+			j.seeds[i] = seed{buf: d.pending, off: d.off, n: d.n}
+		}
+	}
+	l.after = append(l.after, j.start)
+}
+
+// epollCtl is epoll_ctl(2) without the scheduler's bookkeeping (see
+// rawRead). The event's Fd and Pad are its 64-bit data, which the loop
+// fills with a connection ID and a socket index, not a descriptor.
+func epollCtl(ep, op, fd int, ev *syscall.EpollEvent) error {
+	_, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_CTL, uintptr(ep), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(ev)), 0, 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+// epollET is EPOLLET as the uint32 epoll_event wants it (syscall's
+// constant is negative).
+const epollET = 1 << 31
+
+// epollPoll returns the events ready now, without waiting.
+func epollPoll(ep int, events []syscall.EpollEvent) int {
+	r, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_WAIT, uintptr(ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	if e != 0 {
+		return 0
+	}
+	return int(r)
+}

@@ -1,0 +1,147 @@
+package proxy
+
+import (
+	"bytes"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portcullis/portcullis/testnet"
+)
+
+// TestIdleRelaysHoldNoGoroutines: relays that have exchanged a few
+// small messages wait in the event loops, not in two goroutines each.
+func TestIdleRelaysHoldNoGoroutines(t *testing.T) {
+	const n = 200
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "idle.test"})
+	backend := rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		io.Copy(c, c)
+	})
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("idle.test", backend))
+	before := runtime.NumGoroutine()
+	conns := make([]net.Conn, n)
+	for i := range conns {
+		c, err := net.Dial("tcp", h.addr("l"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns[i] = c
+		c.SetDeadline(time.Now().Add(time.Minute))
+		msg := fmt.Sprintf("conn-%04d", i)
+		c.Write(append(append([]byte{}, hello...), msg...))
+		buf := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+			t.Fatalf("conn %d: echo %q %v", i, buf, err)
+		}
+	}
+	testnet.WaitFor(t, "all active", func() bool { return h.srv.Status()[0].Active == n })
+	// The backend keeps a goroutine per connection; the proxy should
+	// add only its loops and the odd connection still winding down.
+	if grown := runtime.NumGoroutine() - before; grown > n+n/4 {
+		t.Fatalf("%d idle relays added %d goroutines; the backend accounts for %d", n, grown, n)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	testnet.WaitFor(t, "all closed", func() bool { return h.srv.Status()[0].Active == 0 })
+}
+
+// TestLoopWaitsForSlowReader: small messages to a client that does not
+// read yet fill the sockets' buffers, the loop's write says EAGAIN and
+// the rest waits in the loop until the client makes room. Every byte
+// must arrive once and in order, and the relay must then end normally.
+func TestLoopWaitsForSlowReader(t *testing.T) {
+	client, proxyClient := tcpPair(t)
+	proxyBackend, backend := tcpPair(t)
+	proxyClient.SetWriteBuffer(4096)
+	client.SetReadBuffer(4096)
+
+	var ls eventLoops
+	defer ls.stop()
+	results := make(chan relayResult, 1)
+	j := newRelayJob(proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), func(r relayResult) {
+		proxyClient.Close()
+		proxyBackend.Close()
+		results <- r
+	})
+	if !ls.pick().adopt(j, &sockets{client: proxyClient}) {
+		t.Fatal("the loop refused the relay")
+	}
+
+	want := randomBytes(128 * 512)
+	go func() {
+		// One message at a time, so the loop reads each on its own
+		// rather than a burst that would send the relay to goroutines
+		// before the client's buffers fill.
+		for p := want; len(p) > 0; p = p[512:] {
+			if _, err := backend.Write(p[:512]); err != nil {
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+		backend.CloseWrite()
+	}()
+	time.Sleep(100 * time.Millisecond) // let the buffers toward the client fill
+	client.SetReadDeadline(time.Now().Add(30 * time.Second))
+	got, err := io.ReadAll(client)
+	if err != nil {
+		t.Fatalf("after %d bytes: %v", len(got), err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("received %d bytes, not the %d sent in order", len(got), len(want))
+	}
+	client.CloseWrite()
+	select {
+	case r := <-results:
+		if r.end != "done" || r.toClient != int64(len(want)) || r.toBackend != 0 {
+			t.Fatalf("relay ended %q with %d bytes to the client, %d to the backend", r.end, r.toClient, r.toBackend)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("relay did not end after both sides closed")
+	}
+}
+
+// TestLoopRelayCut: a hard shutdown closes a relay's sockets, which
+// brings its loop no event; the relay must end all the same, as
+// "closed", whether the cut came before the relay reached its loop or
+// after.
+func TestLoopRelayCut(t *testing.T) {
+	for _, before := range []bool{true, false} {
+		t.Run(fmt.Sprintf("before=%v", before), func(t *testing.T) {
+			_, proxyClient := tcpPair(t)
+			proxyBackend, _ := tcpPair(t)
+			socks := &sockets{client: proxyClient}
+			socks.setBackend(proxyBackend)
+			var ls eventLoops
+			defer ls.stop()
+			ls.pick() // the loops run before the cut, as in a running server
+
+			results := make(chan relayResult, 1)
+			j := newRelayJob(proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), func(r relayResult) { results <- r })
+			if before {
+				socks.close()
+			}
+			ls.relay(j, socks)
+			if !before {
+				socks.close()
+			}
+			select {
+			case r := <-results:
+				if r.end != "closed" {
+					t.Fatalf("relay ended %q, want closed", r.end)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("relay of closed sockets never ended")
+			}
+		})
+	}
+}
