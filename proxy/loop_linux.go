@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"time"
 	"unsafe"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // An L4 relay starts in an event loop, not in goroutines of its own.
@@ -101,6 +103,8 @@ type eventLoop struct {
 	nextID uint32
 	buf    []byte // the read buffer, shared by every connection
 	after  []func()
+	sys    loopCall      // the system call in progress, under mu
+	call   func(uintptr) // sys.run, made once
 }
 
 func newEventLoop() (*eventLoop, error) {
@@ -112,13 +116,15 @@ func newEventLoop() (*eventLoop, error) {
 		syscall.Close(ep)
 		return nil, err
 	}
-	return &eventLoop{
+	l := &eventLoop{
 		ep:    ep,
 		file:  os.NewFile(uintptr(ep), "epoll"),
 		done:  make(chan struct{}),
 		conns: map[uint32]*loopConn{},
 		buf:   make([]byte, chunkSize),
-	}, nil
+	}
+	l.sys.ep, l.call = ep, l.sys.run
+	return l, nil
 }
 
 func (l *eventLoop) stop() {
@@ -168,20 +174,28 @@ func runAll(fs []func()) {
 	}
 }
 
-// loopConn is a relay while its loop moves its bytes.
+// loopConn is a relay while its loop moves its bytes. It is what an
+// idle L4 connection costs besides its sockets, so it holds only what
+// the loop needs; a relayJob is made if the relay moves to goroutines.
 type loopConn struct {
-	l        *eventLoop
-	id       uint32
-	job      *relayJob
-	socks    *sockets
-	sock     [2]loopSocket // client, backend
-	dir      [2]loopDir    // client → backend, backend → client
-	idle     *time.Timer
-	tick     time.Duration
-	lastSeen uint64 // the kernel's byte counters at the last idle check
-	moved    int64  // bytes written either way, at the last idle check
-	quiet    time.Duration
-	gone     bool // finished or handed over to goroutines
+	l               *eventLoop
+	client, backend *net.TCPConn
+	sock            [2]loopSocket // client, backend
+	dir             [2]loopDir    // client → backend, backend → client
+	toBackend       int64         // bytes written each way
+	toClient        int64
+	noPipe          prometheus.Counter
+	finish          func(relayResult)
+	socks           *sockets
+
+	idle      time.Duration
+	idleTimer *time.Timer
+	lastSeen  uint64        // the kernel's byte counters at the last idle check
+	moved     int64         // bytes written either way, at the last idle check
+	quiet     time.Duration // how long both were unchanged
+
+	id   uint32
+	gone bool // finished or handed over to goroutines
 }
 
 // loopSocket is one socket as the loop sees it. Readiness is
@@ -189,27 +203,29 @@ type loopConn struct {
 // read drains the socket).
 type loopSocket struct {
 	rc         syscall.RawConn
-	call       func(uintptr) // s.run, made once
 	readable   bool
 	writable   bool
 	peerClosed bool // EPOLLRDHUP seen: read on until EOF, which brings no edge
 	watchOut   bool // EPOLLOUT is in the registration (only once a write would block)
-
-	// The current operation, its arguments and results, so that calls
-	// through RawConn.Control allocate nothing.
-	op   int
-	p    []byte
-	n    int
-	err  error
-	ep   int
-	id   int32 // the connection's in the loop, and 0 or 1 for client or backend:
-	side int32 // the event's data, which says what became ready
 }
 
 type loopDir struct {
 	pending *[]byte // a pooled chunk holding read bytes; [off:n] not written yet
-	off, n  int
+	off, n  int32
 	done    bool // source's EOF reached and passed on
+}
+
+// loopCall is a system call on one socket, made through
+// RawConn.Control: its arguments and results live in the loop (one
+// call at a time, under mu), so that a call allocates nothing and a
+// connection stores none of them.
+type loopCall struct {
+	op  int
+	p   []byte
+	n   int
+	err error
+	ep  int
+	ev  syscall.EpollEvent
 }
 
 const (
@@ -221,7 +237,7 @@ const (
 	opRemove
 )
 
-func (s *loopSocket) run(fd uintptr) {
+func (s *loopCall) run(fd uintptr) {
 	s.err = nil
 	switch s.op {
 	case opRead:
@@ -240,54 +256,54 @@ func (s *loopSocket) run(fd uintptr) {
 		}
 	case opShutdown:
 		syscall.RawSyscall(syscall.SYS_SHUTDOWN, fd, syscall.SHUT_WR, 0)
-	case opAdd, opWatchOut:
-		ctl := syscall.EPOLL_CTL_ADD
-		ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET, Fd: s.id, Pad: s.side}
-		if s.op == opWatchOut {
-			ctl = syscall.EPOLL_CTL_MOD
-			ev.Events |= syscall.EPOLLOUT
-		}
-		s.err = epollCtl(s.ep, ctl, int(fd), &ev)
+	case opAdd:
+		s.err = epollCtl(s.ep, syscall.EPOLL_CTL_ADD, int(fd), &s.ev)
+	case opWatchOut:
+		s.ev.Events |= syscall.EPOLLOUT
+		s.err = epollCtl(s.ep, syscall.EPOLL_CTL_MOD, int(fd), &s.ev)
 	case opRemove:
-		s.err = epollCtl(s.ep, syscall.EPOLL_CTL_DEL, int(fd), &syscall.EpollEvent{})
+		s.err = epollCtl(s.ep, syscall.EPOLL_CTL_DEL, int(fd), &s.ev)
 	}
 }
 
-// do runs op on the socket; an error is the system call's, or net's
-// ErrClosed once the socket was closed.
-func (s *loopSocket) do(op int) error {
-	s.op = op
-	if err := s.rc.Control(s.call); err != nil {
+// do runs op on socket i of c; an error is the system call's, or net's
+// ErrClosed once the socket was closed. The caller holds mu.
+func (l *eventLoop) do(c *loopConn, i int, op int) error {
+	l.sys.op = op
+	// The event's 64-bit data (Fd and Pad) says which connection and
+	// which of its sockets became ready.
+	l.sys.ev = syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET, Fd: int32(c.id), Pad: int32(i)}
+	if err := c.sock[i].rc.Control(l.call); err != nil {
 		return err
 	}
-	return s.err
+	return l.sys.err
 }
 
-func (s *loopSocket) read(p []byte) (int, error) {
-	s.p = p
-	err := s.do(opRead)
-	s.p = nil
-	return s.n, err
+func (l *eventLoop) read(c *loopConn, i int, p []byte) (int, error) {
+	l.sys.p = p
+	err := l.do(c, i, opRead)
+	l.sys.p = nil
+	return l.sys.n, err
 }
 
-func (s *loopSocket) write(p []byte) (int, error) {
-	s.p = p
-	err := s.do(opWrite)
-	s.p = nil
-	return s.n, err
+func (l *eventLoop) write(c *loopConn, i int, p []byte) (int, error) {
+	l.sys.p = p
+	err := l.do(c, i, opWrite)
+	l.sys.p = nil
+	return l.sys.n, err
 }
 
-// adopt starts relaying j's sockets in the loop. It reports false if the
-// sockets could not be registered; the caller then relays in goroutines.
-func (l *eventLoop) adopt(j *relayJob, socks *sockets) bool {
-	c := &loopConn{l: l, job: j, socks: socks}
-	for i, tc := range []*net.TCPConn{j.client, j.backend} {
+// adopt starts relaying client and backend in the loop. It reports
+// false if the sockets could not be registered; the caller then relays
+// in goroutines.
+func (l *eventLoop) adopt(socks *sockets, client, backend *net.TCPConn, idle time.Duration, noPipe prometheus.Counter, finish func(relayResult)) bool {
+	c := &loopConn{l: l, client: client, backend: backend, idle: idle, noPipe: noPipe, finish: finish, socks: socks}
+	for i, tc := range []*net.TCPConn{client, backend} {
 		rc, err := tc.SyscallConn()
 		if err != nil {
 			return false
 		}
-		s := &c.sock[i]
-		s.rc, s.call, s.writable, s.ep = rc, s.run, true, l.ep
+		c.sock[i].rc, c.sock[i].writable = rc, true
 	}
 	l.mu.Lock()
 	for l.conns[l.nextID] != nil {
@@ -296,19 +312,17 @@ func (l *eventLoop) adopt(j *relayJob, socks *sockets) bool {
 	c.id = l.nextID
 	l.nextID++
 	for i := range c.sock {
-		c.sock[i].id, c.sock[i].side = int32(c.id), int32(i)
-		if err := c.sock[i].do(opAdd); err != nil {
+		if err := l.do(c, i, opAdd); err != nil {
 			if i == 1 {
-				c.sock[0].do(opRemove)
+				l.do(c, 0, opRemove)
 			}
 			l.mu.Unlock()
 			return false
 		}
 	}
 	l.conns[c.id] = c
-	if j.idle > 0 {
-		c.tick = j.idle / 4
-		c.idle = time.AfterFunc(c.tick, c.idleCheck)
+	if idle > 0 {
+		c.idleTimer = time.AfterFunc(idle/4, c.idleCheck)
 	}
 	l.mu.Unlock()
 	// A hard shutdown that began before the hook was set has closed the
@@ -339,18 +353,18 @@ func (c *loopConn) idleCheck() {
 	l := c.l
 	l.mu.Lock()
 	if !c.gone {
-		moved := c.job.toBackend + c.job.toClient
-		if moved != c.moved {
+		tick := c.idle / 4
+		if moved := c.toBackend + c.toClient; moved != c.moved {
 			c.moved, c.quiet = moved, 0
-		} else if seen := c.job.act.count(); seen != c.lastSeen {
+		} else if seen := bytesMoved(c.client) + bytesMoved(c.backend); seen != c.lastSeen {
 			c.lastSeen, c.quiet = seen, 0
 		} else {
-			c.quiet += c.tick
+			c.quiet += tick
 		}
-		if c.quiet >= c.job.idle {
+		if c.quiet >= c.idle {
 			l.end(c, "idle_timeout")
 		} else {
-			c.idle.Reset(c.tick)
+			c.idleTimer.Reset(tick)
 		}
 	}
 	after := l.takeAfter()
@@ -415,14 +429,14 @@ func (l *eventLoop) move(c *loopConn, i int) (full bool, end string) {
 			if !dst.writable {
 				return false, ""
 			}
-			w, err := dst.write((*d.pending)[d.off:d.n])
+			w, err := l.write(c, 1-i, (*d.pending)[d.off:d.n])
 			if err != nil && err != syscall.EAGAIN {
 				return false, l.failure(err, i, true)
 			}
-			d.off += w
+			d.off += int32(w)
 			c.count(i, w)
 			if d.off < d.n {
-				return false, l.blocked(dst, i)
+				return false, l.blocked(c, i)
 			}
 			chunks.Put(d.pending)
 			d.pending = nil
@@ -430,7 +444,7 @@ func (l *eventLoop) move(c *loopConn, i int) (full bool, end string) {
 		if !src.readable {
 			return false, ""
 		}
-		n, err := src.read(l.buf)
+		n, err := l.read(c, i, l.buf)
 		switch {
 		case err == syscall.EAGAIN:
 			src.readable = false
@@ -442,7 +456,7 @@ func (l *eventLoop) move(c *loopConn, i int) (full bool, end string) {
 			// The second direction to reach EOF leaves its FIN to the
 			// close of both sockets that follows (as pipe does).
 			if !c.dir[1-i].done {
-				dst.do(opShutdown)
+				l.do(c, 1-i, opShutdown)
 			}
 			return false, ""
 		case n < len(l.buf) && !src.peerClosed:
@@ -452,12 +466,12 @@ func (l *eventLoop) move(c *loopConn, i int) (full bool, end string) {
 		}
 		if n == len(l.buf) {
 			d.pending = chunks.Get().(*[]byte)
-			d.off, d.n = 0, copy(*d.pending, l.buf)
+			d.off, d.n = 0, int32(copy(*d.pending, l.buf))
 			return true, ""
 		}
 		w := 0
 		if dst.writable {
-			w, err = dst.write(l.buf[:n])
+			w, err = l.write(c, 1-i, l.buf[:n])
 			if err != nil && err != syscall.EAGAIN {
 				return false, l.failure(err, i, true)
 			}
@@ -465,20 +479,22 @@ func (l *eventLoop) move(c *loopConn, i int) (full bool, end string) {
 		}
 		if w < n {
 			d.pending = chunks.Get().(*[]byte)
-			d.off, d.n = 0, copy(*d.pending, l.buf[w:n])
-			return false, l.blocked(dst, i)
+			d.off, d.n = 0, int32(copy(*d.pending, l.buf[w:n]))
+			return false, l.blocked(c, i)
 		}
 	}
 }
 
-// blocked marks dst full and makes sure its registration reports room.
-func (l *eventLoop) blocked(dst *loopSocket, i int) string {
+// blocked marks direction i's destination full and makes sure its
+// registration reports room.
+func (l *eventLoop) blocked(c *loopConn, i int) string {
+	dst := &c.sock[1-i]
 	dst.writable = false
 	if dst.watchOut {
 		return ""
 	}
 	dst.watchOut = true
-	if err := dst.do(opWatchOut); err != nil {
+	if err := l.do(c, 1-i, opWatchOut); err != nil {
 		return l.failure(err, i, true)
 	}
 	return ""
@@ -498,9 +514,9 @@ func (l *eventLoop) failure(err error, i int, writing bool) string {
 
 func (c *loopConn) count(i, n int) {
 	if i == 0 {
-		c.job.toBackend += int64(n)
+		c.toBackend += int64(n)
 	} else {
-		c.job.toClient += int64(n)
+		c.toClient += int64(n)
 	}
 }
 
@@ -508,8 +524,8 @@ func (c *loopConn) count(i, n int) {
 func (l *eventLoop) leave(c *loopConn) {
 	c.gone = true
 	delete(l.conns, c.id)
-	if c.idle != nil {
-		c.idle.Stop()
+	if c.idleTimer != nil {
+		c.idleTimer.Stop()
 	}
 }
 
@@ -523,29 +539,28 @@ func (l *eventLoop) end(c *loopConn, why string) {
 			c.dir[i].pending = nil
 		}
 	}
-	j := c.job
-	j.client.Close()
-	j.backend.Close()
-	l.after = append(l.after, func() {
-		j.finish(relayResult{toBackend: j.toBackend, toClient: j.toClient, end: why})
-	})
+	c.client.Close()
+	c.backend.Close()
+	res := relayResult{toBackend: c.toBackend, toClient: c.toClient, end: why}
+	l.after = append(l.after, func() { c.finish(res) })
 }
 
 // migrate hands the relay to goroutines, with what each direction has
 // read and not yet written, once bulk data flows.
 func (l *eventLoop) migrate(c *loopConn) {
 	for i := range c.sock {
-		if err := c.sock[i].do(opRemove); err != nil {
+		if err := l.do(c, i, opRemove); err != nil {
 			l.end(c, l.failure(err, i, false))
 			return
 		}
 	}
 	l.leave(c)
-	j := c.job
+	j := newRelayJob(c.client, c.backend, c.idle, c.noPipe, c.finish)
+	j.toBackend, j.toClient = c.toBackend, c.toClient
 	for i, d := range c.dir {
 		j.dirDone[i] = d.done
 		if d.pending != nil {
-			j.seeds[i] = seed{buf: d.pending, off: d.off, n: d.n}
+			j.seeds[i] = seed{buf: d.pending, off: int(d.off), n: int(d.n)}
 		}
 	}
 	l.after = append(l.after, j.start)

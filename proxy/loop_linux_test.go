@@ -68,12 +68,12 @@ func TestLoopWaitsForSlowReader(t *testing.T) {
 	var ls eventLoops
 	defer ls.stop()
 	results := make(chan relayResult, 1)
-	j := newRelayJob(proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), func(r relayResult) {
+	finish := func(r relayResult) {
 		proxyClient.Close()
 		proxyBackend.Close()
 		results <- r
-	})
-	if !ls.pick().adopt(j, &sockets{client: proxyClient}) {
+	}
+	if !ls.pick().adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), finish) {
 		t.Fatal("the loop refused the relay")
 	}
 
@@ -126,11 +126,10 @@ func TestLoopRelayCut(t *testing.T) {
 			ls.pick() // the loops run before the cut, as in a running server
 
 			results := make(chan relayResult, 1)
-			j := newRelayJob(proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), func(r relayResult) { results <- r })
 			if before {
 				socks.close()
 			}
-			ls.relay(j, socks)
+			ls.relay(socks, proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), func(r relayResult) { results <- r })
 			if !before {
 				socks.close()
 			}

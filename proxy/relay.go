@@ -436,12 +436,12 @@ func endReason(err error, srcName string) string {
 // relay starts an L4 connection's relay in one of the Server's event
 // loops, or in goroutines where there are none.
 func (s *Server) relay(socks *sockets, client, backend *net.TCPConn, idle time.Duration, finish func(relayResult)) {
-	s.loops.relay(newRelayJob(client, backend, idle, s.metrics.noPipe, finish), socks)
+	s.loops.relay(socks, client, backend, idle, s.metrics.noPipe, finish)
 }
 
-func (ls *eventLoops) relay(j *relayJob, socks *sockets) {
-	if l := ls.pick(); l != nil && l.adopt(j, socks) {
+func (ls *eventLoops) relay(socks *sockets, client, backend *net.TCPConn, idle time.Duration, noPipe prometheus.Counter, finish func(relayResult)) {
+	if l := ls.pick(); l != nil && l.adopt(socks, client, backend, idle, noPipe, finish) {
 		return
 	}
-	j.start()
+	newRelayJob(client, backend, idle, noPipe, finish).start()
 }

@@ -58,7 +58,8 @@ type Server struct {
 	conns                   sync.WaitGroup
 	live                    atomic.Int64 // connections conns is waiting for, so Shutdown knows whether it cut any
 
-	loops eventLoops // relay L4 connections until they carry bulk data
+	loops   eventLoops     // relay L4 connections until they carry bulk data
+	tracked trackedSockets // every connection's sockets, for the hard shutdown
 }
 
 // NewServer returns a Server with no listeners.
@@ -301,9 +302,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 		err = &CutError{Connections: s.live.Load(), Err: ctx.Err()}
 		s.cancelHard()
+		s.tracked.closeAll()
 		<-done
 	}
 	s.cancelHard()
+	s.tracked.closeAll()
 	// No connection is left, so no loop holds one.
 	s.loops.stop()
 	if snap := s.current.Swap(nil); snap != nil {
