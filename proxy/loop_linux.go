@@ -103,6 +103,8 @@ type eventLoop struct {
 	nextID uint32
 	buf    []byte // the read buffer, shared by every connection
 	after  []func()
+	idleQs map[time.Duration]*idleQueue
+	epoch  time.Time     // the idle checks' clock starts here
 	sys    loopCall      // the system call in progress, under mu
 	call   func(uintptr) // sys.run, made once
 }
@@ -117,11 +119,13 @@ func newEventLoop() (*eventLoop, error) {
 		return nil, err
 	}
 	l := &eventLoop{
-		ep:    ep,
-		file:  os.NewFile(uintptr(ep), "epoll"),
-		done:  make(chan struct{}),
-		conns: map[uint32]*loopConn{},
-		buf:   make([]byte, chunkSize),
+		ep:     ep,
+		file:   os.NewFile(uintptr(ep), "epoll"),
+		done:   make(chan struct{}),
+		conns:  map[uint32]*loopConn{},
+		buf:    make([]byte, chunkSize),
+		idleQs: map[time.Duration]*idleQueue{},
+		epoch:  time.Now(),
 	}
 	l.sys.ep, l.call = ep, l.sys.run
 	return l, nil
@@ -188,11 +192,14 @@ type loopConn struct {
 	finish          func(relayResult)
 	socks           *sockets
 
-	idle      time.Duration
-	idleTimer *time.Timer
-	lastSeen  uint64        // the kernel's byte counters at the last idle check
-	moved     int64         // bytes written either way, at the last idle check
-	quiet     time.Duration // how long both were unchanged
+	idle     time.Duration
+	idleQ    *idleQueue // the loop's queue for idle, if idle > 0
+	prev     *loopConn  // in idleQ
+	next     *loopConn
+	due      time.Duration // the next idle check, on the loop's clock
+	lastSeen uint64        // the kernel's byte counters at the last idle check
+	moved    int64         // bytes written either way, at the last idle check
+	quiet    time.Duration // how long both were unchanged
 
 	id   uint32
 	gone bool // finished or handed over to goroutines
@@ -322,7 +329,7 @@ func (l *eventLoop) adopt(socks *sockets, client, backend *net.TCPConn, idle tim
 	}
 	l.conns[c.id] = c
 	if idle > 0 {
-		c.idleTimer = time.AfterFunc(idle/4, c.idleCheck)
+		l.idleQueue(idle).push(c)
 	}
 	l.mu.Unlock()
 	// A hard shutdown that began before the hook was set has closed the
@@ -346,14 +353,68 @@ func (c *loopConn) cut() {
 	runAll(after)
 }
 
-// idleCheck runs every quarter of idle_timeout, as the goroutine relay's
-// deadlines do (see pipe): the connection is closed once nothing moved
-// on either socket, either way, for the whole period.
-func (c *loopConn) idleCheck() {
-	l := c.l
+// idleQueue holds a loop's relays with one idle_timeout in the order
+// their next check falls due: every check is a quarter period after the
+// last, as the goroutine relay's deadlines are (see pipe), so a relay
+// re-queued at the tail keeps the order, and one timer serves the
+// queue. A timer per relay would cost each idle connection another
+// hundred-odd bytes.
+type idleQueue struct {
+	l     *eventLoop
+	idle  time.Duration
+	head  loopConn // sentinel: head.next is the first due
+	timer *time.Timer
+}
+
+// idleQueue returns the queue for idle, making it if need be. Queues
+// go when their last relay does, so there are only as many as the
+// idle timeouts of live relays.
+func (l *eventLoop) idleQueue(idle time.Duration) *idleQueue {
+	q := l.idleQs[idle]
+	if q == nil {
+		q = &idleQueue{l: l, idle: idle}
+		q.head.next, q.head.prev = &q.head, &q.head
+		q.timer = time.AfterFunc(time.Hour, q.fire)
+		q.timer.Stop()
+		l.idleQs[idle] = q
+	}
+	return q
+}
+
+// now is the loop's clock for idle checks: monotonic, and small enough
+// to keep in a Duration.
+func (l *eventLoop) now() time.Duration { return time.Since(l.epoch) }
+
+func (q *idleQueue) push(c *loopConn) {
+	tick := q.idle / 4
+	c.idleQ, c.due = q, q.l.now()+tick
+	c.prev, c.next = q.head.prev, &q.head
+	q.head.prev.next = c
+	q.head.prev = c
+	if c.prev == &q.head {
+		q.timer.Reset(tick)
+	}
+}
+
+func (q *idleQueue) remove(c *loopConn) {
+	c.prev.next, c.next.prev = c.next, c.prev
+	c.prev, c.next, c.idleQ = nil, nil, nil
+	if q.head.next == &q.head {
+		q.timer.Stop()
+		delete(q.l.idleQs, q.idle)
+	}
+}
+
+// fire checks the relays now due: one that moved nothing on either
+// socket, either way, for the whole period is closed; the others are
+// queued again.
+func (q *idleQueue) fire() {
+	l := q.l
 	l.mu.Lock()
-	if !c.gone {
-		tick := c.idle / 4
+	now := l.now()
+	tick := q.idle / 4
+	for c := q.head.next; c != &q.head && c.due <= now; c = q.head.next {
+		q.remove(c)
 		if moved := c.toBackend + c.toClient; moved != c.moved {
 			c.moved, c.quiet = moved, 0
 		} else if seen := bytesMoved(c.client) + bytesMoved(c.backend); seen != c.lastSeen {
@@ -363,9 +424,15 @@ func (c *loopConn) idleCheck() {
 		}
 		if c.quiet >= c.idle {
 			l.end(c, "idle_timeout")
-		} else {
-			c.idleTimer.Reset(tick)
+			continue
 		}
+		if l.idleQs[q.idle] == nil {
+			l.idleQs[q.idle] = q // remove dropped the emptied queue
+		}
+		q.push(c)
+	}
+	if first := q.head.next; first != &q.head {
+		q.timer.Reset(max(first.due-now, 0))
 	}
 	after := l.takeAfter()
 	l.mu.Unlock()
@@ -524,8 +591,8 @@ func (c *loopConn) count(i, n int) {
 func (l *eventLoop) leave(c *loopConn) {
 	c.gone = true
 	delete(l.conns, c.id)
-	if c.idleTimer != nil {
-		c.idleTimer.Stop()
+	if c.idleQ != nil {
+		c.idleQ.remove(c)
 	}
 }
 

@@ -144,3 +144,62 @@ func TestLoopRelayCut(t *testing.T) {
 		})
 	}
 }
+
+// TestLoopIdleQueues: relays with different idle timeouts share a loop,
+// each timeout with a queue of its own. A silent relay is closed by its
+// own timeout and not by another's; a queue goes with its last relay
+// and comes back with the next one.
+func TestLoopIdleQueues(t *testing.T) {
+	var ls eventLoops
+	defer ls.stop()
+	l := ls.pick()
+	noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "x"})
+	start := func(idle time.Duration) (<-chan relayResult, func()) {
+		_, proxyClient := tcpPair(t)
+		proxyBackend, _ := tcpPair(t)
+		results := make(chan relayResult, 1)
+		finish := func(r relayResult) { results <- r }
+		if !l.adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, idle, noPipe, finish) {
+			t.Fatal("the loop refused the relay")
+		}
+		return results, func() { proxyClient.Close(); proxyBackend.Close() }
+	}
+	waitEnd := func(results <-chan relayResult, want string) {
+		t.Helper()
+		select {
+		case r := <-results:
+			if r.end != want {
+				t.Fatalf("relay ended %q, want %q", r.end, want)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("relay did not end (%s)", want)
+		}
+	}
+
+	long, closeLong := start(time.Hour)
+	short, _ := start(200 * time.Millisecond)
+	waitEnd(short, "idle_timeout")
+	again, _ := start(200 * time.Millisecond) // its queue went with the first
+	waitEnd(again, "idle_timeout")
+	select {
+	case r := <-long:
+		t.Fatalf("relay with an hour's idle_timeout ended %q", r.end)
+	default:
+	}
+	closeLong()
+	var cut []*loopConn
+	l.mu.Lock()
+	for _, c := range l.conns {
+		cut = append(cut, c)
+	}
+	l.mu.Unlock()
+	for _, c := range cut {
+		c.cut() // closed sockets bring no event; the hard shutdown's path
+	}
+	waitEnd(long, "closed")
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if n := len(l.idleQs); n != 0 {
+		t.Fatalf("%d idle queues left with no relay", n)
+	}
+}
