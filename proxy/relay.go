@@ -21,23 +21,20 @@ type relayResult struct {
 	end                 string // done, idle_timeout, client_reset, backend_reset, closed, or "error: …"
 }
 
-// startRelay copies both directions between the raw sockets in two
+// relayJob copies both directions between the raw sockets in two
 // goroutines and calls finish from the last of them once both are done.
 // Each direction ends by half-closing its destination, so a client that
 // shuts its write side still receives the whole reply. Neither goroutine
-// outlives the connection.
+// outlives the connection. On Linux a relay starts in an event loop
+// (loop_linux.go) and comes here once it carries bulk data.
 //
-// The arguments are *net.TCPConn on purpose: the relay works on the
+// The sockets are *net.TCPConn on purpose: the relay works on the
 // sockets themselves (their file descriptors, through syscall.RawConn),
 // which is what lets bulk payload move with splice(2) and never enter
 // user space. A wrapped connection would have no socket to splice.
 //
 // noPipe counts directions that moved bulk data without splice because
 // no pipe could be had (see newSplicer).
-func startRelay(client, backend *net.TCPConn, idle time.Duration, noPipe prometheus.Counter, finish func(relayResult)) {
-	newRelayJob(client, backend, idle, noPipe, finish).start()
-}
-
 func newRelayJob(client, backend *net.TCPConn, idle time.Duration, noPipe prometheus.Counter, finish func(relayResult)) *relayJob {
 	return &relayJob{client: client, backend: backend, idle: idle, noPipe: noPipe, act: newActivity(client, backend), finish: finish}
 }
@@ -63,7 +60,7 @@ func (j *relayJob) start() {
 	}
 }
 
-// relayJob is one relay's shared state.
+// relayJob is one goroutine relay's shared state.
 type relayJob struct {
 	client, backend *net.TCPConn
 	idle            time.Duration
