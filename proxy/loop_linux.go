@@ -62,8 +62,10 @@ func (ls *eventLoops) startLoops() *[]*eventLoop {
 	for range runtime.GOMAXPROCS(0) {
 		l, err := newEventLoop()
 		if err != nil {
+			// Not stop: their run goroutines were never started, so
+			// nothing would close done.
 			for _, l := range all {
-				l.stop()
+				l.file.Close()
 			}
 			ls.failed = true
 			return nil
@@ -213,6 +215,7 @@ type loopSocket struct {
 	readable   bool
 	writable   bool
 	peerClosed bool // EPOLLRDHUP seen: read on until EOF, which brings no edge
+	urgent     bool // EPOLLPRI seen: a read stops short at the urgent mark, so read on until EAGAIN
 	watchOut   bool // EPOLLOUT is in the registration (only once a write would block)
 }
 
@@ -279,7 +282,7 @@ func (l *eventLoop) do(c *loopConn, i int, op int) error {
 	l.sys.op = op
 	// The event's 64-bit data (Fd and Pad) says which connection and
 	// which of its sockets became ready.
-	l.sys.ev = syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET, Fd: int32(c.id), Pad: int32(i)}
+	l.sys.ev = syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLPRI | syscall.EPOLLRDHUP | epollET, Fd: int32(c.id), Pad: int32(i)}
 	if err := c.sock[i].rc.Control(l.call); err != nil {
 		return err
 	}
@@ -455,6 +458,12 @@ func (l *eventLoop) handle(ev syscall.EpollEvent) {
 	if ev.Events&syscall.EPOLLRDHUP != 0 {
 		s.peerClosed = true
 	}
+	if ev.Events&syscall.EPOLLPRI != 0 {
+		// Urgent data is queued: a read stops short at its mark with
+		// the rest of the stream behind it, and that rest brings no
+		// new edge.
+		s.readable, s.urgent = true, true
+	}
 	l.pump(c)
 }
 
@@ -514,7 +523,7 @@ func (l *eventLoop) move(c *loopConn, i int) (full bool, end string) {
 		n, err := l.read(c, i, l.buf)
 		switch {
 		case err == syscall.EAGAIN:
-			src.readable = false
+			src.readable, src.urgent = false, false
 			return false, ""
 		case err != nil:
 			return false, l.failure(err, i, false)
@@ -526,7 +535,7 @@ func (l *eventLoop) move(c *loopConn, i int) (full bool, end string) {
 				l.do(c, 1-i, opShutdown)
 			}
 			return false, ""
-		case n < len(l.buf) && !src.peerClosed:
+		case n < len(l.buf) && !src.peerClosed && !src.urgent:
 			// A short read emptied the socket: the next arrival is a new
 			// edge.
 			src.readable = false

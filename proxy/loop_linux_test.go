@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"runtime"
+	"syscall"
 	"testing"
 	"time"
 
@@ -201,5 +202,77 @@ func TestLoopIdleQueues(t *testing.T) {
 	defer l.mu.Unlock()
 	if n := len(l.idleQs); n != 0 {
 		t.Fatalf("%d idle queues left with no relay", n)
+	}
+}
+
+// TestLoopsThatCannotStart: with one descriptor left, the first loop's
+// epoll instance can be made and the second's cannot. The loops made
+// so far are discarded (their goroutines were never started) and relays
+// run in goroutines, without hanging the connection that asked.
+func TestLoopsThatCannotStart(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
+	spare, err := syscall.Open("/dev/null", syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exhaustDescriptors(t)
+	syscall.Close(spare) // room for exactly one epoll instance
+
+	var ls eventLoops
+	picked := make(chan *eventLoop, 1)
+	go func() { picked <- ls.pick() }()
+	select {
+	case l := <-picked:
+		if l != nil {
+			t.Fatal("a loop was picked though not all of them could start")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("pick hung discarding the loops it had made")
+	}
+	stopped := make(chan struct{})
+	go func() { ls.stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(30 * time.Second):
+		t.Fatal("stop hung")
+	}
+}
+
+// TestLoopReadsPastUrgentMark: a read stops short at TCP's urgent mark
+// with more data queued behind it, so a short read does not always mean
+// the socket is drained, and no new edge comes for what is left. The
+// goroutine relay reads on and delivers the stream (without the
+// out-of-band byte); so must the loop.
+func TestLoopReadsPastUrgentMark(t *testing.T) {
+	client, proxyClient := tcpPair(t)
+	proxyBackend, backend := tcpPair(t)
+	rc, err := client.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) {
+		err = syscall.Sendto(int(fd), []byte("abc"), syscall.MSG_OOB, nil) // 'c' is urgent
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client.Write([]byte("def"))
+	// All of it queued at the proxy before the loop's first read (the
+	// acknowledged count includes the SYN).
+	testnet.WaitFor(t, "the bytes acknowledged", func() bool { return bytesMoved(client) >= 7 })
+
+	var ls eventLoops
+	defer ls.stop()
+	finish := func(relayResult) { proxyClient.Close(); proxyBackend.Close() }
+	if !ls.pick().adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), finish) {
+		t.Fatal("the loop refused the relay")
+	}
+	backend.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got := make([]byte, 5)
+	if n, err := io.ReadFull(backend, got); err != nil {
+		t.Fatalf("backend received %q: %v; want the stream past the urgent mark", got[:n], err)
+	}
+	if string(got) != "abdef" {
+		t.Fatalf("backend received %q, want %q", got, "abdef")
 	}
 }
