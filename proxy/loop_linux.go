@@ -36,11 +36,13 @@ type eventLoops struct {
 	loops   atomic.Pointer[[]*eventLoop]
 	stopped bool
 	next    atomic.Uint32
-	failed  bool // the loops could not be made: relay in goroutines
+	failing bool        // the last try to start them failed
+	warn    func(error) // told when they cannot start (once until they do)
 }
 
 // pick returns the loop for a new relay, or nil when relays must run in
-// goroutines (the loops could not start, or the Server shut down).
+// goroutines: the loops could not start (the process is out of
+// descriptors; the next relay tries again), or the Server shut down.
 func (ls *eventLoops) pick() *eventLoop {
 	all := ls.loops.Load()
 	if all == nil {
@@ -55,7 +57,7 @@ func (ls *eventLoops) pick() *eventLoop {
 func (ls *eventLoops) startLoops() *[]*eventLoop {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
-	if all := ls.loops.Load(); all != nil || ls.stopped || ls.failed {
+	if all := ls.loops.Load(); all != nil || ls.stopped {
 		return all
 	}
 	var all []*eventLoop
@@ -67,7 +69,10 @@ func (ls *eventLoops) startLoops() *[]*eventLoop {
 			for _, l := range all {
 				l.file.Close()
 			}
-			ls.failed = true
+			if !ls.failing && ls.warn != nil {
+				ls.warn(err)
+			}
+			ls.failing = true
 			return nil
 		}
 		all = append(all, l)
@@ -75,6 +80,7 @@ func (ls *eventLoops) startLoops() *[]*eventLoop {
 	for _, l := range all {
 		go l.run()
 	}
+	ls.failing = false
 	ls.loops.Store(&all)
 	return &all
 }

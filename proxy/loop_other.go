@@ -10,7 +10,7 @@ import (
 )
 
 // Elsewhere every relay runs in goroutines (see loop_linux.go).
-type eventLoops struct{}
+type eventLoops struct{ warn func(error) }
 
 type eventLoop struct{}
 

@@ -79,6 +79,9 @@ func NewServer(o Options) *Server {
 		rejectLog: newSampler(10, time.Second),
 		listeners: map[string]*runningListener{},
 	}
+	s.loops.warn = func(err error) {
+		log.Warn("event loops could not start: relaying in goroutines until they can", "err", err)
+	}
 	s.drainCtx, s.cancelDrain = context.WithCancel(context.Background())
 	s.hardCtx, s.cancelHard = context.WithCancel(context.Background())
 	return s
