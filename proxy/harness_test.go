@@ -129,6 +129,33 @@ func newTLSBackend(t *testing.T, ca *testpki.CA, name string, hosts ...string) *
 
 func (b *tlsBackend) addr() string { return b.ln.Addr().String() }
 
+// echoBackend reads the ClientHello the proxy replays and then echoes
+// everything back.
+func echoBackend(t *testing.T, hello []byte) string {
+	return rawBackend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.ReadFull(c, make([]byte, len(hello)))
+		io.Copy(c, c)
+	})
+}
+
+// dialEcho connects to addr, sends hello and then tag, and waits for
+// the tag to come back: a relay that is up and has carried a message
+// each way. The connection is returned open.
+func dialEcho(addr string, hello []byte, tag string) (net.Conn, error) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(time.Minute))
+	c.Write(append(append([]byte{}, hello...), tag...))
+	buf := make([]byte, len(tag))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != tag {
+		return c, fmt.Errorf("%s: echo %q %v", tag, buf, err)
+	}
+	return c, nil
+}
+
 // rawBackend accepts plain TCP and hands each connection to serve.
 func rawBackend(t *testing.T, serve func(c *net.TCPConn)) string { return testnet.Backend(t, serve) }
 

@@ -21,28 +21,18 @@ import (
 func TestIdleRelaysHoldNoGoroutines(t *testing.T) {
 	const n = 200
 	hello := clientHelloBytes(t, &tls.Config{ServerName: "idle.test"})
-	backend := rawBackend(t, func(c *net.TCPConn) {
-		c.SetDeadline(time.Now().Add(time.Minute))
-		io.ReadFull(c, make([]byte, len(hello)))
-		io.Copy(c, c)
-	})
-	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("idle.test", backend))
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("idle.test", echoBackend(t, hello)))
 	before := runtime.NumGoroutine()
 	conns := make([]net.Conn, n)
 	for i := range conns {
-		c, err := net.Dial("tcp", h.addr("l"))
+		c, err := dialEcho(h.addr("l"), hello, fmt.Sprintf("conn-%04d", i))
+		if c != nil {
+			defer c.Close()
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
 		conns[i] = c
-		c.SetDeadline(time.Now().Add(time.Minute))
-		msg := fmt.Sprintf("conn-%04d", i)
-		c.Write(append(append([]byte{}, hello...), msg...))
-		buf := make([]byte, len(msg))
-		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
-			t.Fatalf("conn %d: echo %q %v", i, buf, err)
-		}
 	}
 	testnet.WaitFor(t, "all active", func() bool { return h.srv.Status()[0].Active == n })
 	// The backend keeps a goroutine per connection; the proxy should
