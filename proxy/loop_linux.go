@@ -394,8 +394,14 @@ func (l *eventLoop) idleQueue(idle time.Duration) *idleQueue {
 // to keep in a Duration.
 func (l *eventLoop) now() time.Duration { return time.Since(l.epoch) }
 
+// tick is the time between a relay's idle checks. config accepts any
+// positive idle_timeout, and under 4ns a quarter is zero: quiet time
+// would never grow, so a silent relay would never close while the
+// queue's timer fired without pause. One nanosecond at least.
+func (q *idleQueue) tick() time.Duration { return max(q.idle/4, 1) }
+
 func (q *idleQueue) push(c *loopConn) {
-	tick := q.idle / 4
+	tick := q.tick()
 	c.idleQ, c.due = q, q.l.now()+tick
 	c.prev, c.next = q.head.prev, &q.head
 	q.head.prev.next = c
@@ -421,7 +427,7 @@ func (q *idleQueue) fire() {
 	l := q.l
 	l.mu.Lock()
 	now := l.now()
-	tick := q.idle / 4
+	tick := q.tick()
 	for c := q.head.next; c != &q.head && c.due <= now; c = q.head.next {
 		q.remove(c)
 		if moved := c.toBackend + c.toClient; moved != c.moved {

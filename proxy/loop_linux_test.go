@@ -195,6 +195,37 @@ func TestLoopIdleQueues(t *testing.T) {
 	}
 }
 
+// TestLoopIdleTimeoutUnderFourNanoseconds: config accepts any positive
+// idle_timeout, and one under 4ns has a quarter period of zero. A
+// silent relay must still be closed by it, as the goroutine relay
+// closes it, rather than be checked again and again without its quiet
+// time ever growing.
+func TestLoopIdleTimeoutUnderFourNanoseconds(t *testing.T) {
+	var ls eventLoops
+	defer ls.stop()
+	l := ls.pick()
+	noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "x"})
+	_, proxyClient := tcpPair(t)
+	proxyBackend, _ := tcpPair(t)
+	results := make(chan relayResult, 1)
+	if !l.adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, 3*time.Nanosecond, noPipe, func(r relayResult) { results <- r }) {
+		t.Fatal("the loop refused the relay")
+	}
+	select {
+	case r := <-results:
+		if r.end != "idle_timeout" {
+			t.Fatalf("relay ended %q, want idle_timeout", r.end)
+		}
+	case <-time.After(30 * time.Second):
+		l.mu.Lock()
+		for _, c := range l.conns {
+			defer c.cut()
+		}
+		l.mu.Unlock()
+		t.Fatal("a silent relay with a 3ns idle_timeout was never closed")
+	}
+}
+
 // TestLoopsThatCannotStart: with one descriptor left, the first loop's
 // epoll instance can be made and the second's cannot. The loops made
 // so far are discarded (their goroutines were never started), the
