@@ -154,13 +154,12 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	// No TCP keepalive (see noKeepAlive): a dead backend is noticed by
 	// idle_timeout, and the probes' setsockopt calls cost every dial.
 	d := net.Dialer{Timeout: lc.dialTimeout, KeepAlive: -1}
-	bconn, err := d.DialContext(s.hardCtx, "tcp", r.backend)
+	b, err := dialBackend(s.hardCtx, &d, r)
 	if err != nil {
 		s.reject(rl, lc, c, reasonBackendUnreachable, client, err)
 		return
 	}
 	r.m.dial.Observe(time.Since(dialStart).Seconds())
-	b := bconn.(*net.TCPConn)
 	socks.setBackend(b)
 
 	// PROXY v2 header and the recorded ClientHello go out in one write.
@@ -193,6 +192,19 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 			slog.Duration("duration", time.Since(start)), slog.String("end", res.end))
 		closeConn()
 	})
+}
+
+// dialBackend connects to r's backend: an address directly, a host
+// name through the resolver.
+func dialBackend(ctx context.Context, d *net.Dialer, r *route) (*net.TCPConn, error) {
+	if r.backendIP.IsValid() {
+		return d.DialTCP(ctx, "tcp", netip.AddrPort{}, r.backendIP)
+	}
+	c, err := d.DialContext(ctx, "tcp", r.backend)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
 }
 
 // sockets are one connection's client and backend sockets as a hard

@@ -745,3 +745,30 @@ func TestRemovedRoutesLeaveNoSeries(t *testing.T) {
 		t.Fatalf("kept route lost its series:\n%s", s)
 	}
 }
+
+// TestBackendAddressOrHostName: a backend written as an address is
+// dialed as parsed at compile time, one written as a host name through
+// the resolver; both reach the backend.
+func TestBackendAddressOrHostName(t *testing.T) {
+	byAddr := clientHelloBytes(t, &tls.Config{ServerName: "addr.test"})
+	byName := clientHelloBytes(t, &tls.Config{ServerName: "name.test"})
+	if len(byAddr) != len(byName) {
+		t.Fatal("the two hellos differ in length; echoBackend reads one length")
+	}
+	backend := echoBackend(t, byAddr)
+	_, port, err := net.SplitHostPort(backend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+
+		routeTOML("addr.test", backend)+routeTOML("name.test", net.JoinHostPort("localhost", port)))
+	for name, hello := range map[string][]byte{"address": byAddr, "host name": byName} {
+		c, err := dialEcho(h.addr("l"), hello, name)
+		if c != nil {
+			c.Close()
+		}
+		if err != nil {
+			t.Errorf("backend by %s: %v", name, err)
+		}
+	}
+}
