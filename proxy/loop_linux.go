@@ -16,12 +16,13 @@ import (
 
 // An L4 relay starts in an event loop, not in goroutines of its own.
 // Most connections only ever carry small messages (a TLS handshake, a
-// request, a response) and then sit idle or close; a goroutine per
-// direction pays the scheduler a wakeup, a park and a stack for each of
-// those, where a loop moves them from one epoll wakeup that serves every
-// ready connection at once and holds an idle one in a few hundred bytes.
-// The first read that fills a whole chunk means bulk data: the loop then
-// hands the connection to the goroutine relay (relayJob), which splices.
+// request, a response) and then sit idle or close. A goroutine per
+// direction holds a stack for all that time; a loop holds an idle relay
+// in a few hundred bytes (8.5 KiB per idle proxied connection became
+// 2.8 in the benchmark) and serves every ready connection from one
+// wakeup. The first read that fills a whole chunk means bulk data: the
+// loop then hands the connection to the goroutine relay (relayJob),
+// which splices.
 //
 // The loop borrows the sockets, it does not own them: they stay
 // *net.TCPConn, every system call on them goes through RawConn.Control
