@@ -80,6 +80,7 @@ func (ls *eventLoops) startLoops() *[]*eventLoop {
 	}
 	for _, l := range all {
 		go l.run()
+		go l.finish()
 	}
 	ls.failing = false
 	ls.loops.Store(&all)
@@ -107,11 +108,20 @@ type eventLoop struct {
 	file *os.File // ep, waited on through the runtime's poller
 	done chan struct{}
 
+	// The finisher goroutine runs what a relay's end or move to
+	// goroutines leaves to do (log, count, start goroutines), never the
+	// loop: a log write that blocks (a log pipe nobody reads) must not
+	// stop every relay of the loop, as it stopped only the relay that
+	// was ending when relays had goroutines of their own.
+	wake     chan struct{} // the finisher has work; buffered 1
+	quit     chan struct{}
+	finished chan struct{}
+
 	mu     sync.Mutex
+	after  []func() // for the finisher
 	conns  map[uint32]*loopConn
 	nextID uint32
 	buf    []byte // the read buffer, shared by every connection
-	after  []func()
 	idleQs map[time.Duration]*idleQueue
 	epoch  time.Time     // the idle checks' clock starts here
 	sys    loopCall      // the system call in progress, under mu
@@ -135,6 +145,10 @@ func newEventLoop() (*eventLoop, error) {
 		buf:    make([]byte, chunkSize),
 		idleQs: map[time.Duration]*idleQueue{},
 		epoch:  time.Now(),
+
+		wake:     make(chan struct{}, 1),
+		quit:     make(chan struct{}),
+		finished: make(chan struct{}),
 	}
 	l.sys.ep, l.call = ep, l.sys.run
 	return l, nil
@@ -143,14 +157,44 @@ func newEventLoop() (*eventLoop, error) {
 func (l *eventLoop) stop() {
 	l.file.Close()
 	<-l.done
+	close(l.quit)
+	<-l.finished
+}
+
+// finish runs what relays left to do, in the order they left it, until
+// stop; what is queued then still runs.
+func (l *eventLoop) finish() {
+	defer close(l.finished)
+	for {
+		select {
+		case <-l.wake:
+		case <-l.quit:
+			l.mu.Lock()
+			after := l.takeAfter()
+			l.mu.Unlock()
+			runAll(after)
+			return
+		}
+		l.mu.Lock()
+		after := l.takeAfter()
+		l.mu.Unlock()
+		runAll(after)
+	}
+}
+
+// later queues f for the finisher. The caller holds mu.
+func (l *eventLoop) later(f func()) {
+	l.after = append(l.after, f)
+	select {
+	case l.wake <- struct{}{}:
+	default: // already woken; it takes the whole queue
+	}
 }
 
 // run waits for the epoll descriptor to become readable through the
 // runtime's poller, so no thread blocks in epoll_wait (the scheduler's
 // monitor would retake its P on every wait, which costs more than the
 // wait), then handles what is ready with a non-blocking epoll_wait.
-// Callbacks that log and count (a finished relay's) run after the lock
-// is released.
 func (l *eventLoop) run() {
 	defer close(l.done)
 	rc, err := l.file.SyscallConn()
@@ -164,17 +208,15 @@ func (l *eventLoop) run() {
 		for _, ev := range events[:n] {
 			l.handle(ev)
 		}
-		after := l.takeAfter()
 		l.mu.Unlock()
-		runAll(after)
 		return n > 0
 	}
 	for rc.Read(poll) == nil {
 	}
 }
 
-// takeAfter returns the callbacks queued under mu, for the caller to run
-// once it has released mu.
+// takeAfter returns the callbacks queued under mu, for the finisher to
+// run once it has released mu.
 func (l *eventLoop) takeAfter() []func() {
 	after := l.after
 	l.after = nil
@@ -358,9 +400,7 @@ func (c *loopConn) cut() {
 	if !c.gone {
 		l.end(c, "closed")
 	}
-	after := l.takeAfter()
 	l.mu.Unlock()
-	runAll(after)
 }
 
 // idleQueue holds a loop's relays with one idle_timeout in the order
@@ -450,9 +490,7 @@ func (q *idleQueue) fire() {
 	if first := q.head.next; first != &q.head {
 		q.timer.Reset(max(first.due-now, 0))
 	}
-	after := l.takeAfter()
 	l.mu.Unlock()
-	runAll(after)
 }
 
 func (l *eventLoop) handle(ev syscall.EpollEvent) {
@@ -631,7 +669,7 @@ func (l *eventLoop) end(c *loopConn, why string) {
 	c.client.Close()
 	c.backend.Close()
 	res := relayResult{toBackend: c.toBackend, toClient: c.toClient, end: why}
-	l.after = append(l.after, func() { c.finish(res) })
+	l.later(func() { c.finish(res) })
 }
 
 // migrate hands the relay to goroutines, with what each direction has
@@ -652,7 +690,7 @@ func (l *eventLoop) migrate(c *loopConn) {
 			j.seeds[i] = seed{buf: d.pending, off: int(d.off), n: int(d.n)}
 		}
 	}
-	l.after = append(l.after, j.start)
+	l.later(j.start)
 }
 
 // epollCtl is epoll_ctl(2) without the scheduler's bookkeeping (see

@@ -334,3 +334,41 @@ func TestLoopReadsPastUrgentMark(t *testing.T) {
 		t.Fatalf("backend received %q, want %q", got, "abdef")
 	}
 }
+
+// TestLoopRelaysWhileAFinishBlocks: what a relay leaves to do when it
+// ends (its access log line, above all) may block, on a log pipe nobody
+// reads. The other relays of its loop must keep moving meanwhile.
+func TestLoopRelaysWhileAFinishBlocks(t *testing.T) {
+	var ls eventLoops
+	defer ls.stop()
+	l := ls.pick()
+	noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "x"})
+	relay := func(finish func(relayResult)) (client, backend *net.TCPConn) {
+		client, proxyClient := tcpPair(t)
+		proxyBackend, backend := tcpPair(t)
+		if !l.adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, 0, noPipe, finish) {
+			t.Fatal("the loop refused the relay")
+		}
+		return client, backend
+	}
+	blocked, unblock := make(chan struct{}), make(chan struct{})
+	defer close(unblock)
+	endingClient, endingBackend := relay(func(relayResult) { close(blocked); <-unblock })
+	otherClient, otherBackend := relay(func(relayResult) {})
+
+	endingClient.Close()
+	endingBackend.Close()
+	select {
+	case <-blocked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the ending relay never finished")
+	}
+	otherClient.Write([]byte("still moving"))
+	otherBackend.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got := make([]byte, len("still moving"))
+	if _, err := io.ReadFull(otherBackend, got); err != nil {
+		t.Fatalf("the loop's other relay stopped while a finish blocked: %v", err)
+	}
+	otherClient.Close()
+	otherBackend.Close()
+}
