@@ -108,11 +108,11 @@ type eventLoop struct {
 	file *os.File // ep, waited on through the runtime's poller
 	done chan struct{}
 
-	// The finisher goroutine runs what a relay's end or move to
-	// goroutines leaves to do (log, count, start goroutines), never the
-	// loop: a log write that blocks (a log pipe nobody reads) must not
-	// stop every relay of the loop, as it stopped only the relay that
-	// was ending when relays had goroutines of their own.
+	// The finisher goroutine runs what an ending relay leaves to do (its
+	// access log line, counters, the connection's bookkeeping), never
+	// the loop: a log write that blocks (a log pipe nobody reads) must
+	// not stop every relay of the loop, as it stopped only the relay
+	// that was ending when relays had goroutines of their own.
 	wake     chan struct{} // the finisher has work; buffered 1
 	quit     chan struct{}
 	finished chan struct{}
@@ -690,7 +690,9 @@ func (l *eventLoop) migrate(c *loopConn) {
 			j.seeds[i] = seed{buf: d.pending, off: int(d.off), n: int(d.n)}
 		}
 	}
-	l.later(j.start)
+	// At once, not through the finisher: a finish blocked on a log
+	// write must not hold up a transfer. start only starts goroutines.
+	j.start()
 }
 
 // epollCtl is epoll_ctl(2) without the scheduler's bookkeeping (see

@@ -369,6 +369,14 @@ func TestLoopRelaysWhileAFinishBlocks(t *testing.T) {
 	if _, err := io.ReadFull(otherBackend, got); err != nil {
 		t.Fatalf("the loop's other relay stopped while a finish blocked: %v", err)
 	}
+	// Bulk data moves the relay to goroutines; that must not wait
+	// behind the blocked finish either.
+	bulk := randomBytes(1 << 20)
+	go otherClient.Write(bulk)
+	got = make([]byte, len(bulk))
+	if _, err := io.ReadFull(otherBackend, got); err != nil || !bytes.Equal(got, bulk) {
+		t.Fatalf("bulk data through the loop's other relay while a finish blocked: %v", err)
+	}
 	otherClient.Close()
 	otherBackend.Close()
 }
