@@ -241,7 +241,6 @@ type loopConn struct {
 	toClient        int64
 	noPipe          prometheus.Counter
 	finish          func(relayResult)
-	socks           *sockets
 
 	idle     time.Duration
 	idleQ    *idleQueue // the loop's queue for idle, if idle > 0
@@ -356,7 +355,7 @@ func (l *eventLoop) write(c *loopConn, i int, p []byte) (int, error) {
 // false if the sockets could not be registered; the caller then relays
 // in goroutines.
 func (l *eventLoop) adopt(socks *sockets, client, backend *net.TCPConn, idle time.Duration, noPipe prometheus.Counter, finish func(relayResult)) bool {
-	c := &loopConn{l: l, client: client, backend: backend, idle: idle, noPipe: noPipe, finish: finish, socks: socks}
+	c := &loopConn{l: l, client: client, backend: backend, idle: idle, noPipe: noPipe, finish: finish}
 	for i, tc := range []*net.TCPConn{client, backend} {
 		rc, err := tc.SyscallConn()
 		if err != nil {
