@@ -207,15 +207,7 @@ func TestCtl(t *testing.T) {
 		file := filepath.Join(t.TempDir(), "backup.db")
 		out, _ := ctl(t, 0, "snapshot", file)
 		contains(t, out, "snapshot written to "+file)
-		db, err := sql.Open("sqlite3", "file:"+file+"?mode=ro")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer db.Close()
-		var check string
-		if err := db.QueryRow("PRAGMA integrity_check").Scan(&check); err != nil || check != "ok" {
-			t.Fatalf("snapshot integrity_check: %q, %v", check, err)
-		}
+		db := openIntact(t, file)
 		var tables int
 		if err := db.QueryRow("SELECT count(*) FROM sqlite_master WHERE type = 'table'").Scan(&tables); err != nil || tables == 0 {
 			t.Fatalf("snapshot has %d tables, %v", tables, err)
@@ -336,13 +328,21 @@ func TestCtlSnapshotStagingNotFollowed(t *testing.T) {
 	if !fi.Mode().IsRegular() || fi.Mode().Perm() != 0o600 {
 		t.Errorf("%s: mode %v, want a regular file with mode 0600", file, fi.Mode())
 	}
-	db, err := sql.Open("sqlite3", "file:"+file+"?mode=ro")
+	openIntact(t, file)
+}
+
+// openIntact opens the SQLite database at path read-only, closed when
+// the test ends, and fails the test unless it passes integrity_check.
+func openIntact(t *testing.T, path string) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("sqlite3", "file:"+path+"?mode=ro")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer db.Close()
+	t.Cleanup(func() { db.Close() })
 	var check string
 	if err := db.QueryRow("PRAGMA integrity_check").Scan(&check); err != nil || check != "ok" {
-		t.Fatalf("snapshot integrity_check: %q, %v", check, err)
+		t.Fatalf("%s: integrity_check: %q, %v", path, check, err)
 	}
+	return db
 }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -496,15 +495,7 @@ func TestServeKill9KeepsAcknowledgedMutations(t *testing.T) {
 	}
 	d2.stop(t)
 
-	db, err := sql.Open("sqlite3", env.db)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	var check string
-	if err := db.QueryRow("PRAGMA integrity_check").Scan(&check); err != nil || check != "ok" {
-		t.Fatalf("integrity_check: %q, %v", check, err)
-	}
+	openIntact(t, env.db)
 }
 
 // TestServeConfigMapSymlinkSwap: the config laid out as a Kubernetes

@@ -707,15 +707,11 @@ func TestRateLimitLatePROXYHeader(t *testing.T) {
 	h := startProxy(t, "[firewall]\nrate_limit = { connections = 1, window = \"2800ms\" }\n"+listener)
 	addr := h.addr("pp")
 	const src = "198.51.100.77"
-	header := []byte(fmt.Sprintf("PROXY TCP4 %s 192.0.2.1 4242 443\r\n", src))
-	msg := append(append(append([]byte(nil), header...), hello...), afterHello...)
+	header := proxyV1Header(src)
+	msg := proxiedHello(src, hello)
 
 	// The held connection: accepted now, header sent much later.
-	late := dialFrom(t, "", addr)
-	testnet.WaitFor(t, "the held connection accepted", func() bool {
-		st := h.srv.Status()
-		return len(st) == 1 && st[0].Active == 1
-	})
+	late := heldConnection(t, h, addr)
 	time.Sleep(4 * time.Second) // 10 sub-windows: past the limiter's clock-step rule
 
 	// The source spends its budget of one...
@@ -765,15 +761,10 @@ func TestFirewallCountryLatePROXYHeaderAcrossReloads(t *testing.T) {
 	}
 	h := startProxy(t, cfg("geo.mmdb", "1m"))
 	addr := h.addr("pp")
-	header := []byte(fmt.Sprintf("PROXY TCP4 %s 192.0.2.1 4242 443\r\n", src))
-	msg := append(append(append([]byte(nil), header...), hello...), afterHello...)
+	msg := proxiedHello(src, hello)
 
 	// The held connection: accepted with a minute to send its header.
-	late := dialFrom(t, "", addr)
-	testnet.WaitFor(t, "the held connection accepted", func() bool {
-		st := h.srv.Status()
-		return len(st) == 1 && st[0].Active == 1
-	})
+	late := heldConnection(t, h, addr)
 	// The same database with a shorter handshake_timeout, then a new
 	// database file (a geoipupdate run followed by SIGHUP).
 	h.apply(cfg("geo.mmdb", "100ms"))
@@ -789,4 +780,26 @@ func TestFirewallCountryLatePROXYHeaderAcrossReloads(t *testing.T) {
 		t.Fatalf("held connection from a blocked country got through: %q", line)
 	}
 	testnet.WaitFor(t, "blocked_country counted", func() bool { return h.rejected("pp", "blocked_country") == before+1 })
+}
+
+// proxiedHello is what a load balancer sends for a client at src: a
+// PROXY v1 header, the ClientHello and the bytes after it.
+func proxiedHello(src string, hello []byte) []byte {
+	return append(append(proxyV1Header(src), hello...), afterHello...)
+}
+
+func proxyV1Header(src string) []byte {
+	return []byte(fmt.Sprintf("PROXY TCP4 %s 192.0.2.1 4242 443\r\n", src))
+}
+
+// heldConnection connects to addr, sends nothing, and returns once the
+// proxy counts it active: a connection whose PROXY header is yet to come.
+func heldConnection(t *testing.T, h *harness, addr string) *net.TCPConn {
+	t.Helper()
+	late := dialFrom(t, "", addr)
+	testnet.WaitFor(t, "the held connection accepted", func() bool {
+		st := h.srv.Status()
+		return len(st) == 1 && st[0].Active == 1
+	})
+	return late
 }
