@@ -194,12 +194,16 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	})
 }
 
-// dialBackend connects to r's backend: an address directly, a host
-// name through the resolver.
+// dialBackend connects to r's backend. An address is parsed by the
+// resolver without a lookup; a host name is resolved on every dial, so
+// DNS changes apply.
+//
+// Not Dialer.DialTCP, which would skip that parse: it binds the socket
+// to its local address, and a zero one is bound to port 0 before the
+// connect. The kernel then picks a port free for every destination
+// rather than for this backend alone, so all backends together share
+// one ephemeral port range, and it costs a bind call per dial.
 func dialBackend(ctx context.Context, d *net.Dialer, r *route) (*net.TCPConn, error) {
-	if r.backendIP.IsValid() {
-		return d.DialTCP(ctx, "tcp", netip.AddrPort{}, r.backendIP)
-	}
 	c, err := d.DialContext(ctx, "tcp", r.backend)
 	if err != nil {
 		return nil, err

@@ -50,7 +50,6 @@ type route struct {
 	listener  string
 	sni       string // normalised pattern
 	backend   string
-	backendIP netip.AddrPort // backend, when it is an address: dialed without the resolver
 	sendProxy bool
 	l7        *l7.Handler // nil for L4
 	// routedHere is l7.ConnInfo.RoutedHere for the route's connections:
@@ -178,11 +177,6 @@ func (s *Server) compileListener(cfg *config.Config, li int, key string, l *conf
 			backend:   rc.Backend,
 			sendProxy: rc.SendProxyProtocol,
 			m:         s.metrics.forRoute(l.Name, rc.SNI),
-		}
-		// Parsed once here rather than by every dial; a host name stays
-		// a string and is resolved per dial, so DNS changes apply.
-		if ap, err := netip.ParseAddrPort(rc.Backend); err == nil {
-			r.backendIP = ap
 		}
 		if rc.Mode == config.ModeL7 {
 			h, err := l7.NewHandler(l7.Options{
