@@ -166,7 +166,8 @@ type testEnv struct {
 	config  string
 	sock    string
 	db      string
-	metrics string // host:port of /metrics
+	metrics string   // host:port of /metrics
+	flags   []string // serve's flags beyond -config and -log-level
 	starts  atomic.Int32
 }
 
@@ -240,7 +241,7 @@ func (e *testEnv) launch(t testing.TB, out *heldOutput) *daemon {
 	t.Helper()
 	n := e.starts.Add(1)
 	d := &daemon{logf: filepath.Join(e.dir, fmt.Sprintf("daemon-%d.log", n)), done: make(chan struct{})}
-	args, err := json.Marshal([]string{"serve", "-config", e.config, "-log-level", "debug"})
+	args, err := json.Marshal(append([]string{"serve", "-config", e.config, "-log-level", "debug"}, e.flags...))
 	if err != nil {
 		t.Fatal(err)
 	}

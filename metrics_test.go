@@ -187,3 +187,43 @@ func TestMetrics(t *testing.T) {
 	}
 	d.stop(t)
 }
+
+// TestServePprof follows every link of the -pprof index page on the
+// metrics listener: each must be served, not only the profiles the
+// runtime keeps.
+func TestServePprof(t *testing.T) {
+	env := newEnv(t)
+	env.flags = []string{"-pprof"}
+	env.writeConfig(t, "5s", l4Listener(freeAddr(t), "app.test", testnet.NamedBackend(t, "app")))
+	env.start(t)
+	base := "http://" + env.metrics + "/debug/pprof/"
+	get := func(url string) []byte {
+		t.Helper()
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %s, %v: %.200s", url, resp.Status, err, body)
+		}
+		return body
+	}
+	links := regexp.MustCompile(`href=['"]([^'"]+)['"]`).FindAllStringSubmatch(string(get(base)), -1)
+	seen := map[string]bool{}
+	for _, m := range links {
+		link := m[1]
+		name, _, _ := strings.Cut(link, "?")
+		seen[name] = true
+		if name == "profile" || name == "trace" {
+			link = name + "?seconds=1" // not the default 30
+		}
+		get(base + link)
+	}
+	for _, name := range []string{"cmdline", "goroutine", "heap", "profile", "symbol", "trace"} {
+		if !seen[name] {
+			t.Errorf("the index does not link %s; links: %q", name, links)
+		}
+	}
+}

@@ -134,6 +134,7 @@ func serve(path string, log *slog.Logger, pprof bool) error {
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 		if pprof {
 			mux.HandleFunc("/debug/pprof/", httppprof.Index)
+			mux.HandleFunc("/debug/pprof/cmdline", httppprof.Cmdline)
 			mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
 			mux.HandleFunc("/debug/pprof/symbol", httppprof.Symbol)
 			mux.HandleFunc("/debug/pprof/trace", httppprof.Trace)
