@@ -496,21 +496,23 @@ func interleave(ctx context.Context, targets []*target, rounds int, measure func
 // work (bytes, connections) of each target's rounds until it is known
 // which targets completed every round.
 type phaseCPU map[*target]*struct {
-	proxy, load float64
+	proxy, load usage
 	units       int64
 }
 
-func (m phaseCPU) add(t *target, proxy, load float64, units int64) {
+func (m phaseCPU) add(t *target, proxy, load usage, units int64) {
 	c := m[t]
 	if c == nil {
 		c = &struct {
-			proxy, load float64
+			proxy, load usage
 			units       int64
 		}{}
 		m[t] = c
 	}
-	c.proxy += proxy
-	c.load += load
+	c.proxy.cpu += proxy.cpu
+	c.proxy.sleeps += proxy.sleeps
+	c.load.cpu += load.cpu
+	c.load.sleeps += load.sleeps
 	c.units += units
 }
 
@@ -533,34 +535,61 @@ func pause(ctx context.Context) {
 // measureCPU runs fn and returns the CPU seconds the target's proxy
 // process (0 for direct) and this process (client and backend) used
 // meanwhile, including a short tail for connection teardown.
-func measureCPU(t *target, fn func() error) (proxy, load float64, err error) {
+// usage is what a process spent on a piece of work: CPU seconds and
+// sleeps (see sleeps).
+type usage struct {
+	cpu    float64
+	sleeps int64
+}
+
+func (u usage) minus(v usage) usage { return usage{u.cpu - v.cpu, u.sleeps - v.sleeps} }
+
+// measureCPU runs fn and returns what the target's proxy process (zero
+// for direct) and this process spent meanwhile.
+func measureCPU(t *target, fn func() error) (proxy, load usage, err error) {
 	self := os.Getpid()
-	var p0, p1 float64
-	if t.proc != nil {
-		if p0, err = treeCPUSeconds(t.proc.pid()); err != nil {
-			return 0, 0, err
+	proxySample := func() (usage, error) {
+		if t.proc == nil {
+			return usage{}, nil
 		}
+		c, err := treeCPUSeconds(t.proc.pid())
+		if err != nil {
+			return usage{}, err
+		}
+		n, err := treeSleeps(t.proc.pid())
+		return usage{c, n}, err
 	}
-	l0, err := cpuSeconds(self)
+	selfSample := func() (usage, error) {
+		c, err := cpuSeconds(self)
+		if err != nil {
+			return usage{}, err
+		}
+		n, err := sleeps(self)
+		return usage{c, n}, err
+	}
+	p0, err := proxySample()
 	if err != nil {
-		return 0, 0, err
+		return usage{}, usage{}, err
+	}
+	l0, err := selfSample()
+	if err != nil {
+		return usage{}, usage{}, err
 	}
 	if err := fn(); err != nil {
-		return 0, 0, err
+		return usage{}, usage{}, err
 	}
 	time.Sleep(200 * time.Millisecond)
 	// This process first: scanning /proc for a proxy's workers is work
 	// of its own that must not count as the load generator's.
-	l1, err := cpuSeconds(self)
+	l1, err := selfSample()
 	if err != nil {
-		return 0, 0, err
+		return usage{}, usage{}, err
 	}
-	if t.proc != nil {
-		if p1, err = treeCPUSeconds(t.proc.pid()); err != nil {
-			return 0, 0, err
-		}
+	p1, err := proxySample()
+	if err != nil {
+		return usage{}, usage{}, err
 	}
-	return p1 - p0, l1 - l0, nil
+	return p1.minus(p0), l1.minus(l0), nil
 }
 
 // addReference takes the outcome of starting a reference proxy (HAProxy,

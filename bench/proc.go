@@ -313,6 +313,38 @@ func childPIDs(pid int) []int {
 
 func treeCPUSeconds(pid int) (float64, error) { return sumTree(pid, cpuSeconds) }
 
+func treeSleeps(pid int) (int64, error) { return sumTree(pid, sleeps) }
+
+// sleeps counts the times pid's threads gave up the CPU to wait
+// (voluntary context switches: a futex, epoll_wait, a timer sleep).
+// Each is a wakeup paid later; a process that waits on a slow peer
+// sleeps and wakes more often for the same work. A thread that has
+// exited no longer counts, which the runtimes measured here rarely do.
+func sleeps(pid int) (int64, error) {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return 0, err
+	}
+	var total int64
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, task.Name()))
+		if err != nil {
+			continue // exited meanwhile
+		}
+		for line := range strings.Lines(string(b)) {
+			if rest, ok := strings.CutPrefix(line, "voluntary_ctxt_switches:"); ok {
+				n, err := strconv.ParseInt(strings.TrimSpace(rest), 10, 64)
+				if err != nil {
+					return 0, err
+				}
+				total += n
+				break
+			}
+		}
+	}
+	return total, nil
+}
+
 func treeRSSKiB(pid int) (int64, error) { return sumTree(pid, rssKiB) }
 
 // sumTree adds read(pid) and read of each child; a child that exits

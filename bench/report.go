@@ -58,6 +58,8 @@ type cpuUse struct {
 	RateSeconds   float64 `json:"rate_cpu_s"`
 	RateConns     int64   `json:"rate_connections"`
 	MicrosPerConn float64 `json:"cpu_us_per_connection"`
+	RateSleeps    int64   `json:"rate_sleeps"` // voluntary context switches, see sleeps
+	SleepsPerConn float64 `json:"sleeps_per_connection"`
 }
 
 func (r *targetResult) bulk(streams int) *bulkResult {
@@ -83,31 +85,40 @@ func (u *cpuUse) perConn() (float64, bool) {
 	return u.MicrosPerConn, true
 }
 
-func (r *targetResult) addBulkCPU(proxy, load float64, bytes int64) {
+func (u *cpuUse) sleepsPerConn() (float64, bool) {
+	if u == nil || u.RateConns == 0 {
+		return 0, false
+	}
+	return u.SleepsPerConn, true
+}
+
+func (r *targetResult) addBulkCPU(proxy, load usage, bytes int64) {
 	for _, u := range []struct {
 		c *cpuUse
-		s float64
+		s usage
 	}{{r.ProxyCPU, proxy}, {r.LoadCPU, load}} {
 		if u.c == nil {
 			continue
 		}
-		u.c.BulkSeconds += u.s
+		u.c.BulkSeconds += u.s.cpu
 		u.c.BulkBytes += bytes
 		u.c.SecondsPerGiB = u.c.BulkSeconds / (float64(u.c.BulkBytes) / (1 << 30))
 	}
 }
 
-func (r *targetResult) addRateCPU(proxy, load float64, conns int64) {
+func (r *targetResult) addRateCPU(proxy, load usage, conns int64) {
 	for _, u := range []struct {
 		c *cpuUse
-		s float64
+		s usage
 	}{{r.ProxyCPU, proxy}, {r.LoadCPU, load}} {
 		if u.c == nil {
 			continue
 		}
-		u.c.RateSeconds += u.s
+		u.c.RateSeconds += u.s.cpu
+		u.c.RateSleeps += u.s.sleeps
 		u.c.RateConns += conns
 		u.c.MicrosPerConn = u.c.RateSeconds / float64(u.c.RateConns) * 1e6
+		u.c.SleepsPerConn = float64(u.c.RateSleeps) / float64(u.c.RateConns)
 	}
 }
 
@@ -191,6 +202,8 @@ func printTable(out io.Writer, rep *report) {
 	loadConn := func(t *targetResult) (float64, bool) { return t.LoadCPU.perConn() }
 	proxyGiB := func(t *targetResult) (float64, bool) { return t.ProxyCPU.perGiB() }
 	proxyConn := func(t *targetResult) (float64, bool) { return t.ProxyCPU.perConn() }
+	loadSleeps := func(t *targetResult) (float64, bool) { return t.LoadCPU.sleepsPerConn() }
+	proxySleeps := func(t *targetResult) (float64, bool) { return t.ProxyCPU.sleepsPerConn() }
 	// sum adds the proxy's share (none for direct) to the load's.
 	sum := func(load, proxy func(*targetResult) (float64, bool)) func(*targetResult) (float64, bool) {
 		return func(t *targetResult) (float64, bool) {
@@ -234,10 +247,12 @@ func printTable(out io.Writer, rep *report) {
 		{label: "  + proxy = all CPU s/GiB", format: "%.3f", get: sum(loadGiB, proxyGiB), ratio: true},
 		{label: "client+backend CPU µs/conn", format: "%.0f", get: loadConn},
 		{label: "  + proxy = all CPU µs/conn", format: "%.0f", get: sum(loadConn, proxyConn), ratio: true},
+		{label: "client+backend sleeps/conn", format: "%.1f", get: loadSleeps},
 	}
 	perProxy := []metric{
 		{label: "CPU s per GiB relayed", format: "%.3f", get: proxyGiB},
 		{label: "CPU µs per new connection", format: "%.0f", get: proxyConn},
+		{label: "sleeps per new connection", format: "%.1f", get: proxySleeps},
 		{label: "idle connections held", format: "%.0f", get: idle(func(i *idleResult) float64 { return float64(i.Held) })},
 		{label: "idle RSS before (MiB)", format: "%.1f", get: idle(func(i *idleResult) float64 { return float64(i.RSSBeforeKiB) / 1024 })},
 		{label: "idle RSS after (MiB)", format: "%.1f", get: idle(func(i *idleResult) float64 { return float64(i.RSSAfterKiB) / 1024 })},
@@ -295,6 +310,8 @@ func printTable(out io.Writer, rep *report) {
 	fmt.Fprintln(out, "other load on the machine than throughput is.")
 	fmt.Fprintf(out, "rounds = lowest–highest ratio among the %d rounds, each against the direct\n", rep.Rounds)
 	fmt.Fprintln(out, "run of the same round: a wide range means a noisy machine.")
+	fmt.Fprintln(out, "sleeps = voluntary context switches: each is a wakeup paid later. A process")
+	fmt.Fprintln(out, "waiting on a slower peer runs out of work and sleeps more for the same work.")
 	for _, t := range proxies {
 		if t.Idle != nil && t.Idle.Capped != "" {
 			fmt.Fprintf(out, "note: %s held %d of %d idle connections, capped by %s.\n", t.Name, t.Idle.Held, t.Idle.Requested, t.Idle.Capped)
