@@ -189,7 +189,11 @@ func NewHandler(o Options) (*Handler, error) {
 	}
 	h.log = h.log.With("listener", o.Listener, "route", o.Route)
 	h.errorLog = slog.NewLogLogger(h.log.Handler(), slog.LevelDebug)
-	h.dialer = net.Dialer{Timeout: h.dialTimeout}
+	// No TCP keepalive, as on L4 routes: the relay's idle timeout, the
+	// transports' idle limits and HTTP/2 pings notice a backend that went
+	// away, and setting the probes up costs four setsockopt calls per
+	// dial, one dial per relayed client connection.
+	h.dialer = net.Dialer{Timeout: h.dialTimeout, KeepAlive: -1}
 	h.dialSeconds = o.DialSeconds
 
 	host, _, err := net.SplitHostPort(o.Backend)
