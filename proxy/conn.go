@@ -58,6 +58,20 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 			closeConn()
 		}
 	}()
+	// failed turns the connection away after a read, dial or write
+	// failed, unless the hard shutdown made it fail by cancelling the
+	// dial or closing the sockets (hardCtx ends first): that says
+	// nothing of the client or the backend, and Shutdown's CutError
+	// counts the connection. Rejecting it would log a bad_client_hello,
+	// or a warning that the backend is unreachable, for every handshake
+	// a restart cuts.
+	failed := func(why reason, client netip.AddrPort, err error) {
+		if s.hardCtx.Err() != nil {
+			c.Close() // sockets.close may not have reached it yet
+			return
+		}
+		s.reject(rl, lc, c, why, client, err)
+	}
 
 	c.SetReadDeadline(start.Add(lc.handshakeTimeout))
 	if lc.proxyProtocol {
@@ -67,7 +81,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		}
 		h, err := proxyproto.Read(c)
 		if err != nil {
-			s.reject(rl, lc, c, timeoutOr(err, reasonBadProxyHeader), peer, err)
+			failed(timeoutOr(err, reasonBadProxyHeader), peer, err)
 			return
 		}
 		if h.Command == proxyproto.Proxy && h.Source.IsValid() {
@@ -112,7 +126,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		*bufp = hello.Raw[:0] // keep a grown buffer, within reason
 	}
 	if err != nil {
-		s.reject(rl, lc, c, timeoutOr(err, reasonBadClientHello), client, err)
+		failed(timeoutOr(err, reasonBadClientHello), client, err)
 		return
 	}
 	r := lc.routes.lookup(hello.ServerName)
@@ -156,7 +170,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	d := net.Dialer{Timeout: lc.dialTimeout, KeepAlive: -1}
 	b, err := dialBackend(s.hardCtx, &d, r)
 	if err != nil {
-		s.reject(rl, lc, c, reasonBackendUnreachable, client, err)
+		failed(reasonBackendUnreachable, client, err)
 		return
 	}
 	r.m.dial.Observe(time.Since(dialStart).Seconds())
@@ -170,7 +184,7 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	}
 	if _, err := b.Write(out); err != nil {
 		b.Close()
-		s.reject(rl, lc, c, reasonBackendUnreachable, client, err)
+		failed(reasonBackendUnreachable, client, err)
 		return
 	}
 	sni, helloLen := hello.ServerName, len(hello.Raw)

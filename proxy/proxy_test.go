@@ -713,6 +713,49 @@ func TestShutdownGraceClosesBlockedRelay(t *testing.T) {
 	h.shutdownCutting(100*time.Millisecond, "the blocked relay")
 }
 
+// TestShutdownCutsHandshakesUncounted: connections still waiting for a
+// PROXY header or a ClientHello when the grace period ends are cut and
+// counted as cut (CutError), not rejected as clients that sent a bad
+// header or hello: the read the cut broke says nothing of the client.
+func TestShutdownCutsHandshakesUncounted(t *testing.T) {
+	h := startProxy(t, `
+[[listener]]
+name = "plain"
+listen = "127.0.0.1:0"
+handshake_timeout = "1m"
+`+routeTOML("*", "127.0.0.1:1")+`
+[[listener]]
+name = "pp"
+listen = "127.0.0.2:0"
+proxy_protocol = true
+proxy_protocol_trusted = ["127.0.0.1/32"]
+handshake_timeout = "1m"
+`+routeTOML("*", "127.0.0.1:1"))
+	names := []string{"plain", "pp"}
+	for _, name := range names {
+		c, err := net.Dial("tcp", h.addr(name)) // and sends nothing
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	testnet.WaitFor(t, "both connections active", func() bool {
+		st := h.srv.Status()
+		return st[0].Active == 1 && st[1].Active == 1
+	})
+	var cut *CutError
+	if err := h.srv.Shutdown(canceledCtx()); !errors.As(err, &cut) || cut.Connections != 2 {
+		t.Fatalf("Shutdown = %v, want a CutError for 2 connections", err)
+	}
+	for _, name := range names {
+		for r := reason(0); r < numReasons; r++ {
+			if n := h.rejected(name, r.String()); n != 0 {
+				t.Errorf("listener %s: %v connection(s) rejected as %s, want none: the shutdown cut them", name, n, r)
+			}
+		}
+	}
+}
+
 // TestRemovedRoutesLeaveNoSeries: series of routes and listeners that a
 // reload removed are no longer exported, so configuration churn does not
 // grow /metrics without bound.
