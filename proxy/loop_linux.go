@@ -248,8 +248,7 @@ type loopConn struct {
 	next     *loopConn
 	due      time.Duration // the next idle check, on the loop's clock
 	lastSeen uint64        // the kernel's byte counters at the last idle check
-	moved    int64         // bytes written either way, at the last idle check
-	quiet    time.Duration // how long both were unchanged
+	quiet    time.Duration // how long they were unchanged
 
 	id   uint32
 	gone bool // finished or handed over to goroutines
@@ -470,9 +469,12 @@ func (q *idleQueue) fire() {
 	tick := q.tick()
 	for c := q.head.next; c != &q.head && c.due <= now; c = q.head.next {
 		q.remove(c)
-		if moved := c.toBackend + c.toClient; moved != c.moved {
-			c.moved, c.quiet = moved, 0
-		} else if seen := bytesMoved(c.client) + bytesMoved(c.backend); seen != c.lastSeen {
+		// The kernel's counters alone: every byte the loop relays was
+		// received on one socket, and what it wrote is acknowledged on
+		// the other. Taking the loop's own byte counts as activity first
+		// would leave these stale, and the next check would see their
+		// change and restart the quiet time one period late.
+		if seen := bytesMoved(c.client) + bytesMoved(c.backend); seen != c.lastSeen {
 			c.lastSeen, c.quiet = seen, 0
 		} else {
 			c.quiet += tick

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
 	"github.com/portcullis/portcullis/testnet"
 )
@@ -195,6 +196,84 @@ func TestLoopIdleQueues(t *testing.T) {
 	if n := len(l.idleQs); n != 0 {
 		t.Fatalf("%d idle queues left with no relay", n)
 	}
+}
+
+// TestLoopIdleCountsFromLastActivity: a relay that moved bytes and then
+// went quiet is closed by the fourth check in a row that finds it quiet
+// (a quarter of idle_timeout apart), not one check later. The test runs
+// the checks itself, on an hour's timeout whose timer never fires.
+func TestLoopIdleCountsFromLastActivity(t *testing.T) {
+	var ls eventLoops
+	defer ls.stop()
+	l := ls.pick()
+	client, proxyClient := tcpPair(t)
+	proxyBackend, backend := tcpPair(t)
+	noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "x"})
+	if !l.adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, time.Hour, noPipe, func(relayResult) {}) {
+		t.Fatal("the loop refused the relay")
+	}
+	// check runs the relay's idle check now and reports whether it
+	// closed the relay.
+	check := func() bool {
+		l.mu.Lock()
+		var q *idleQueue
+		for _, c := range l.conns {
+			c.due, q = 0, c.idleQ
+		}
+		l.mu.Unlock()
+		if q == nil {
+			t.Fatal("no relay in the loop")
+		}
+		q.fire()
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return len(l.conns) == 0
+	}
+
+	check() // takes the counters of the connections' setup
+	client.SetDeadline(time.Now().Add(time.Minute))
+	backend.SetDeadline(time.Now().Add(time.Minute))
+	for _, msg := range []string{"ping", "pong"} {
+		from, to := net.Conn(client), net.Conn(backend)
+		if msg == "pong" {
+			from, to = backend, client
+		}
+		if _, err := from.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(to, make([]byte, len(msg))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Both writes acknowledged: the counters hold still from here.
+	testnet.WaitFor(t, "the relay's writes acknowledged", func() bool {
+		return unacked(t, proxyClient) == 0 && unacked(t, proxyBackend) == 0
+	})
+	if check() {
+		t.Fatal("closed by the check that saw bytes move")
+	}
+	for i := 1; i <= 4; i++ {
+		closed := check()
+		if closed != (i == 4) {
+			t.Fatalf("quiet check %d: closed = %v; want the fourth to close the relay", i, closed)
+		}
+	}
+}
+
+// unacked is the number of bytes c has sent that its peer has not
+// acknowledged.
+func unacked(t *testing.T, c *net.TCPConn) uint32 {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	rc.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Unacked
 }
 
 // TestLoopIdleTimeoutUnderFourNanoseconds: config accepts any positive
