@@ -194,9 +194,9 @@ func Parse(path string, data []byte) (*Config, error) {
 	// one at the start, go-toml does not.
 	data = bytes.TrimPrefix(data, []byte("\ufeff"))
 	lines, kinds := indexLines(data)
-	if err := durationErrors(path, lines, kinds); err != nil {
-		return nil, err
-	}
+	// Durations written as numbers or as zero are reported with the
+	// file's other problems too, not on their own first.
+	durations := durationErrors(path, lines, kinds)
 	dec := toml.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	// Unknown keys are skipped and reported once the rest is decoded, so
@@ -205,6 +205,11 @@ func Parse(path string, data []byte) (*Config, error) {
 	if err := dec.Decode(c); err != nil {
 		var sm *toml.StrictMissingError
 		if !errors.As(err, &sm) {
+			if durations != nil {
+				// A duration the decoder cannot store (1.5, true) is
+				// what failed; durations says so in the schema's words.
+				return nil, durations
+			}
 			return nil, decodeError(path, err, lines)
 		}
 		unknown = decodeError(path, err, lines)
@@ -216,10 +221,36 @@ func Parse(path string, data []byte) (*Config, error) {
 		}
 	}
 	c.ApplyDefaults()
-	if err := errors.Join(unknown, c.Validate()); err != nil {
+	if err := errors.Join(durations, unknown, without(c.Validate(), durations)); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// without drops from err, a join of *Error, the errors about keys that
+// reported already names, so a key is not reported twice: a "0s" window
+// also fails validation as not positive.
+func without(err, reported error) error {
+	type joined interface{ Unwrap() []error }
+	all, ok := err.(joined)
+	if !ok || reported == nil {
+		return err
+	}
+	keys := map[string]bool{}
+	if r, ok := reported.(joined); ok {
+		for _, e := range r.Unwrap() {
+			if ce, ok := e.(*Error); ok {
+				keys[ce.Key] = true
+			}
+		}
+	}
+	var errs []error
+	for _, e := range all.Unwrap() {
+		if ce, ok := e.(*Error); !ok || !keys[ce.Key] {
+			errs = append(errs, e)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // ApplyDefaults fills keys left empty. It is idempotent, so a config

@@ -82,3 +82,36 @@ func TestDurationKeys(t *testing.T) {
 		t.Errorf("durationKeys = %v, want %v", durationKeys, want)
 	}
 }
+
+// TestDurationErrorDoesNotHideValidation: a duration written as a number
+// or as zero is reported together with the file's other problems, as the
+// README promises ("Validation errors are all printed at once"), and not
+// a second time by the validation of the value it decoded to.
+func TestDurationErrorDoesNotHideValidation(t *testing.T) {
+	doc := "shutdown_grace = \"0s\"\n[firewall]\nrate_limit = { connections = 5, window = \"0s\" }\n" +
+		"[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nidle_timeout = -5\nmax_connections = -1\nmax_conections = 1\n"
+	_, err := Parse("p.toml", []byte(doc))
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, want := range []string{
+		"p.toml:1: shutdown_grace: \"0s\": must be more than zero",
+		"p.toml:3: firewall.rate_limit.window: \"0s\": must be more than zero",
+		"p.toml:7: listener[0].idle_timeout: must be a duration string",
+		"p.toml:8: listener[0].max_connections: must not be negative",
+		"p.toml:9: listener.max_conections: unknown key",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+	if n := strings.Count(err.Error(), "\n") + 1; n != 5 {
+		t.Errorf("%d problems reported, want 5 (one per key):\n%v", n, err)
+	}
+	// A duration the decoder cannot store at all (a float) still gets the
+	// duration message, not the decoder's.
+	_, err = Parse("p.toml", []byte("shutdown_grace = 1.5\n[[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n"))
+	if err == nil || err.Error() != "p.toml:1: shutdown_grace: must be a duration string such as \"5s\" or \"10m\", not float" {
+		t.Errorf("float duration: %v", err)
+	}
+}

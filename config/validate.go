@@ -302,6 +302,7 @@ func (r *Route) Validate() error {
 // ValidateSNI accepts "*" (the default route), "*.example.com" (one
 // label wildcard) and plain host names, already normalised.
 func ValidateSNI(s string) error {
+	name := s // as written, for the messages
 	switch {
 	case s == "":
 		return errors.New("required")
@@ -315,12 +316,12 @@ func ValidateSNI(s string) error {
 	}
 	for _, label := range strings.Split(s, ".") {
 		if label == "" || len(label) > 63 {
-			return fmt.Errorf("%q is not a valid host name (empty or over-long label)", s)
+			return fmt.Errorf("%q is not a valid host name (empty or over-long label)", name)
 		}
 		for i := 0; i < len(label); i++ {
 			c := label[i]
 			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-				return fmt.Errorf("%q is not a valid host name or *.suffix wildcard", s)
+				return fmt.Errorf("%q is not a valid host name or *.suffix wildcard", name)
 			}
 		}
 	}
