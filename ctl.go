@@ -32,6 +32,8 @@ commands:
   route put -listener L -sni S -backend B [-mode l7 -tls-cert F -tls-key F
             -backend-protocol P -backend-ca F -backend-server-name N
             -response-timeout D] [-send-proxy]
+                                           files are read by the daemon, relative
+                                           to its config file's directory
   route rm LISTENER SNI
   firewall                                 effective blocklist with origins
   firewall add VALUE | firewall rm VALUE   IP or CIDR
@@ -102,14 +104,38 @@ func ctl(ctx context.Context, c *rpc.Client, p *printer, args []string) error {
 		}
 		return nil
 	}
+	// Flags end at the command, so one written after it ("status -o
+	// json") is an argument, and ignoring it would print a table.
+	most := func(n int) error {
+		if len(rest) <= n {
+			return nil
+		}
+		extra := rest[n]
+		for _, a := range rest {
+			if strings.HasPrefix(a, "-") {
+				extra = a
+				break
+			}
+		}
+		if strings.HasPrefix(extra, "-") {
+			return usageError(fmt.Sprintf("%s: unexpected argument %q: flags go before the command (ctl [flags] COMMAND)", cmd, extra))
+		}
+		return usageError(fmt.Sprintf("%s: unexpected argument %q", cmd, extra))
+	}
 	switch cmd {
 	case "status":
+		if err := most(0); err != nil {
+			return err
+		}
 		st, err := c.Status(ctx)
 		if err != nil {
 			return err
 		}
 		return p.status(st)
 	case "health":
+		if err := most(0); err != nil {
+			return err
+		}
 		s, err := c.Health(ctx)
 		if err != nil {
 			return err
@@ -120,6 +146,9 @@ func ctl(ctx context.Context, c *rpc.Client, p *printer, args []string) error {
 		fmt.Fprintln(p.w, s)
 		return nil
 	case "routes":
+		if err := most(1); err != nil {
+			return err
+		}
 		listener := ""
 		if len(rest) > 0 {
 			listener = rest[0]
@@ -202,6 +231,9 @@ func ctl(ctx context.Context, c *rpc.Client, p *printer, args []string) error {
 		}
 		return usageError("usage: overrides clear route LISTENER SNI | firewall VALUE | listener LISTENER | overrides clear-all")
 	case "reload":
+		if err := most(0); err != nil {
+			return err
+		}
 		r, err := c.Reload(ctx)
 		if err != nil {
 			return err

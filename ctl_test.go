@@ -222,6 +222,17 @@ func TestCtl(t *testing.T) {
 		ctl(t, 2, "-o", "yaml", "status")
 		_, stderr = ctl(t, 2, "firewall", "zap", "192.0.2.1")
 		contains(t, stderr, `unknown firewall command "zap"`)
+		// A flag after the command is an argument: it must not be
+		// ignored, printing a table where JSON was asked for.
+		for _, args := range [][]string{{"status", "-o", "json"}, {"health", "-o", "json"}, {"routes", "-o", "json"}, {"routes", "public", "-o", "json"}, {"reload", "-o", "json"}} {
+			out, stderr := ctl(t, 2, args...)
+			contains(t, stderr, args[0]+`: unexpected argument "-o": flags go before the command`)
+			if out != "" {
+				t.Errorf("ctl %s printed %q", strings.Join(args, " "), out)
+			}
+		}
+		_, stderr = ctl(t, 2, "routes", "public", "extra")
+		contains(t, stderr, `routes: unexpected argument "extra"`)
 	})
 	t.Run("daemon unreachable", func(t *testing.T) {
 		code, _, stderr := runCmd("ctl", "-admin", "unix:"+filepath.Join(t.TempDir(), "none.sock"), "-timeout", "2s", "status")
