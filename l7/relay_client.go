@@ -44,12 +44,19 @@ func (r *relay) fromClient() {
 		case *http2.RSTStreamFrame:
 			err = r.clientReset(f)
 		case *http2.WindowUpdateFrame:
-			r.clientWindowUpdate(f)
+			err = r.clientWindowUpdate(f)
 		case *http2.SettingsFrame:
 			err = r.clientSettings(f)
 		case *http2.PingFrame:
 			b.write(func() error { return b.fr.WritePing(f.IsAck(), f.Data) })
 		case *http2.PriorityFrame:
+			if f.StreamDep == f.StreamID {
+				// A stream cannot depend on itself (RFC 9113, 5.3.1).
+				// Forwarded, it would have the backend reset the stream:
+				// counted as the backend's failure, not the client's reset.
+				err = r.clientStreamError(http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol})
+				break
+			}
 			b.write(func() error { return b.fr.WritePriority(f.StreamID, f.PriorityParam) })
 		case *http2.GoAwayFrame:
 			r.clientGoAway(f)
@@ -69,6 +76,14 @@ func (r *relay) fromClient() {
 			c.flush()
 		}
 	}
+}
+
+// unopenedLocked reports whether stream id is idle: the client has not
+// opened it (the relay never opens one: pushes are off). Only HEADERS
+// and PRIORITY may name such a stream (RFC 9113, 5.1). Called with r.mu
+// held.
+func (r *relay) unopenedLocked(id uint32) bool {
+	return id%2 == 0 || id > r.lastStream
 }
 
 func (r *relay) known(id uint32) bool {
@@ -105,8 +120,15 @@ func (r *relay) clientHeaders(f *headerBlock) error {
 		return nil
 	}
 	if id <= r.lastStream {
-		// A stream the relay already answered, refused or finished.
 		r.mu.Unlock()
+		if f.pseudo != 0 {
+			// A request, not trailers: a new stream must have a higher
+			// ID than every stream before it (RFC 9113, 5.1.1), and
+			// ignored it would never be answered.
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		// Trailers of a stream the relay already answered, refused or
+		// finished.
 		return nil
 	}
 	r.lastStream = id
@@ -179,7 +201,7 @@ func (r *relay) clientData(f *http2.DataFrame) error {
 	if end {
 		r.endLocked(st, &st.reqDone)
 	}
-	idleStream := id > r.lastStream
+	idleStream := r.unopenedLocked(id)
 	r.mu.Unlock()
 	if !ok {
 		if idleStream {
@@ -188,6 +210,13 @@ func (r *relay) clientData(f *http2.DataFrame) error {
 		// For a stream the relay answered, refused or finished: the
 		// backend will never see it, so its window comes back from here.
 		r.client.credit(f.Length)
+		if st != nil {
+			// The request has ended (half-closed remote): DATA after
+			// it is a stream error (RFC 9113, 5.1), not something to
+			// drop while the response goes on as if the request were
+			// whole.
+			return r.clientStreamError(http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed})
+		}
 		return nil
 	}
 	r.backend.forwardData(f)
@@ -199,6 +228,10 @@ func (r *relay) clientData(f *http2.DataFrame) error {
 
 func (r *relay) clientReset(f *http2.RSTStreamFrame) error {
 	r.mu.Lock()
+	if r.unopenedLocked(f.StreamID) {
+		r.mu.Unlock()
+		return http2.ConnectionError(http2.ErrCodeProtocol) // RFC 9113, 6.4
+	}
 	st := r.streams[f.StreamID]
 	calm := false
 	if st != nil {
@@ -262,13 +295,20 @@ func (r *relay) clientStreamError(se http2.StreamError) error {
 	return nil
 }
 
-func (r *relay) clientWindowUpdate(f *http2.WindowUpdateFrame) {
+func (r *relay) clientWindowUpdate(f *http2.WindowUpdateFrame) error {
 	b := r.backend
 	if f.StreamID != 0 {
-		if r.known(f.StreamID) {
+		r.mu.Lock()
+		_, known := r.streams[f.StreamID]
+		idle := r.unopenedLocked(f.StreamID)
+		r.mu.Unlock()
+		switch {
+		case idle:
+			return http2.ConnectionError(http2.ErrCodeProtocol) // RFC 9113, 5.1
+		case known:
 			b.write(func() error { return b.fr.WriteWindowUpdate(f.StreamID, f.Increment) })
 		}
-		return
+		return nil
 	}
 	n := int64(f.Increment)
 	if r.clientWindow.Add(n)-n < 0 {
@@ -281,6 +321,7 @@ func (r *relay) clientWindowUpdate(f *http2.WindowUpdateFrame) {
 	if n > 0 {
 		b.write(func() error { return b.fr.WriteWindowUpdate(0, uint32(n)) })
 	}
+	return nil
 }
 
 // takeOwed takes up to n of the bytes the relay owes the backend's view

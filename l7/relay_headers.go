@@ -290,6 +290,7 @@ var (
 	errBadPseudo          = errors.New("unknown or repeated pseudo-header field")
 	errBadFieldName       = errors.New("invalid header field name")
 	errBadFieldValue      = errors.New("invalid header field value")
+	errSelfDependency     = errors.New("stream depends on itself") // RFC 9113, 5.3.1
 )
 
 // Pseudo-header fields HTTP/2 defines, as bits.
@@ -403,6 +404,9 @@ func (d *headerDecoder) read(fr *http2.Framer, hf *http2.HeadersFrame) (*headerB
 	}
 	if err := d.dec.Close(); err != nil {
 		return nil, http2.ConnectionError(http2.ErrCodeCompression)
+	}
+	if d.block.priority.StreamDep == d.block.streamID {
+		d.invalid = errSelfDependency
 	}
 	if d.invalid != nil {
 		return &d.block, http2.StreamError{StreamID: d.block.streamID, Code: http2.ErrCodeProtocol, Cause: d.invalid}

@@ -2847,3 +2847,182 @@ func TestRelayResponseContentLengthMismatch(t *testing.T) {
 		t.Errorf("a well-formed response: %s %q rst %v; frames: %s", s.status(), s.body.String(), s.rst, p.history())
 	}
 }
+
+// heldUntilCancelled is a handler that answers "ok", except on /hold
+// (after sending its response headers) and /wait (before): there it
+// waits for the request to be cancelled and reports it on cancelled.
+func heldUntilCancelled(cancelled chan<- string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/hold":
+			w.WriteHeader(http.StatusOK)
+			w.(http.Flusher).Flush()
+		case "/wait":
+		default:
+			io.WriteString(w, "ok")
+			return
+		}
+		<-r.Context().Done()
+		cancelled <- r.URL.RawQuery
+	})
+}
+
+// DATA on a stream whose request has ended (half-closed remote) is a
+// stream error of type STREAM_CLOSED (RFC 9113, 5.1 and 6.1): the client
+// is told its request was not taken whole, and the backend's stream is
+// cancelled, rather than the DATA dropped while the response goes on.
+func TestRelayDataAfterRequestEnd(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	cancelled := make(chan string, 4)
+	be := startH2CBackend(t, nil, heldUntilCancelled(cancelled))
+	p := dialRelay(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+
+	p.get(1, "/hold?late-data")
+	s := p.stream(1)
+	p.until("the response headers", func() bool { return s.header != nil })
+	p.must(p.write(func() error { return p.fr.WriteData(1, false, []byte("late")) }))
+	// The relay resets the stream at the client before it forwards the
+	// PING, whose answer comes from the backend.
+	p.ping("barrier!")
+	if s.rst == nil || *s.rst != http2.ErrCodeStreamClosed {
+		t.Fatalf("DATA after END_STREAM: rst %v, want RST_STREAM STREAM_CLOSED; frames: %s", s.rst, p.history())
+	}
+	if got := recv(t, cancelled, "the backend's request to be cancelled"); got != "late-data" {
+		t.Errorf("cancelled %q", got)
+	}
+	p.get(3, "/after")
+	if s := p.response(3); s.status() != "200" || s.body.String() != "ok" {
+		t.Fatalf("after: %s %q; frames: %s", s.status(), s.body.String(), p.history())
+	}
+	if p.goAway != nil {
+		t.Errorf("GOAWAY %+v; a stream error must not end the connection", p.goAway)
+	}
+}
+
+// RST_STREAM and WINDOW_UPDATE on a stream the client has not opened
+// (idle) are connection errors of type PROTOCOL_ERROR (RFC 9113, 5.1);
+// on a stream that has closed they are ignored.
+func TestRelayFramesOnIdleStreams(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beH2C, false, echo)
+	addr := startProxy(t, newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"}), false).addr
+
+	for _, tc := range []struct {
+		name  string
+		write func(p *h2Peer, id uint32) error
+	}{
+		{"RST_STREAM", func(p *h2Peer, id uint32) error { return p.fr.WriteRSTStream(id, http2.ErrCodeCancel) }},
+		{"WINDOW_UPDATE", func(p *h2Peer, id uint32) error { return p.fr.WriteWindowUpdate(id, 100) }},
+	} {
+		for _, idle := range []uint32{5, 2} {
+			t.Run(fmt.Sprintf("%s on %d", tc.name, idle), func(t *testing.T) {
+				p := dialRaw(t, pki, addr)
+				p.get(1, "/")
+				p.get(3, "/")
+				p.response(1)
+				p.response(3)
+				p.must(p.write(func() error { return tc.write(p, 1) }))
+				p.ping("closed!!")
+				if p.goAway != nil {
+					t.Fatalf("%s on a closed stream: GOAWAY %+v; frames: %s", tc.name, p.goAway, p.history())
+				}
+				p.must(p.write(func() error { return tc.write(p, idle) }))
+				p.until("a GOAWAY", func() bool { return p.goAway != nil })
+				if *p.goAway != (goAwayInfo{3, http2.ErrCodeProtocol}) {
+					t.Fatalf("%s on idle stream %d: GOAWAY %+v, want last 3 PROTOCOL_ERROR", tc.name, idle, *p.goAway)
+				}
+			})
+		}
+	}
+}
+
+// A stream that depends on itself is a stream error of type
+// PROTOCOL_ERROR (RFC 9113, 5.3.1), which the relay answers itself, as
+// it does other malformed frames: forwarded, it would have the backend
+// reset the stream, which the relay would count as the backend's failure
+// and not as a reset the client caused.
+func TestRelaySelfDependentStream(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	cancelled := make(chan string, 4)
+	be := startH2CBackend(t, nil, heldUntilCancelled(cancelled))
+	m := NewMetrics(prometheus.NewRegistry())
+	p := dialRelay(t, pki, Options{Backend: be.addr, Protocol: "h2c", Metrics: m})
+
+	// A PRIORITY frame on a stream not yet opened.
+	p.must(p.write(func() error { return p.fr.WritePriority(1, http2.PriorityParam{StreamDep: 1, Weight: 15}) }))
+	p.ping("idle-pri")
+	if s := p.stream(1); s.rst == nil || *s.rst != http2.ErrCodeProtocol {
+		t.Errorf("self-dependent PRIORITY on an idle stream: rst %v, want RST_STREAM PROTOCOL_ERROR; frames: %s", s.rst, p.history())
+	}
+
+	// A request whose HEADERS depend on their own stream.
+	p.must(p.write(func() error {
+		return p.fr.WriteHeaders(http2.HeadersFrameParam{
+			StreamID: 3, BlockFragment: p.encodeLocked(reqFields("GET", "/")),
+			EndStream: true, EndHeaders: true, Priority: http2.PriorityParam{StreamDep: 3, Weight: 15},
+		})
+	}))
+	if s := p.response(3); s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
+		t.Errorf("self-dependent HEADERS: rst %v status %q, want RST_STREAM PROTOCOL_ERROR only; frames: %s", s.rst, s.status(), p.history())
+	}
+	if n := backendErrors(m, kindOther); n != 0 {
+		t.Errorf("self-dependent HEADERS: backend errors = %v: the client's malformed frame was counted against the backend", n)
+	}
+
+	// A PRIORITY frame on a stream the backend has yet to answer.
+	p.get(5, "/wait?open")
+	p.ping("started!") // the backend has the request
+	p.must(p.write(func() error { return p.fr.WritePriority(5, http2.PriorityParam{StreamDep: 5, Weight: 15}) }))
+	s := p.response(5)
+	if s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
+		t.Errorf("self-dependent PRIORITY on an open stream: rst %v status %q, want RST_STREAM PROTOCOL_ERROR only; frames: %s", s.rst, s.status(), p.history())
+	}
+	if got := recv(t, cancelled, "the backend's request to be cancelled"); got != "open" {
+		t.Errorf("cancelled %q", got)
+	}
+	if n := backendErrors(m, kindOther); n != 0 {
+		t.Errorf("self-dependent PRIORITY: backend errors = %v: the client's malformed frame was counted against the backend", n)
+	}
+
+	p.get(7, "/after")
+	if s := p.response(7); s.status() != "200" || s.body.String() != "ok" {
+		t.Fatalf("after: %s %q; frames: %s", s.status(), s.body.String(), p.history())
+	}
+	if p.goAway != nil {
+		t.Errorf("GOAWAY %+v; a stream error must not end the connection", p.goAway)
+	}
+}
+
+// A request on a stream ID not above every one before it (one already
+// used, or skipped) cannot open a stream: a connection error of type
+// PROTOCOL_ERROR (RFC 9113, 5.1.1), not a request left unanswered. Late
+// trailers of a stream the relay has closed are still ignored.
+func TestRelayStreamIDNotIncreasing(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beH2C, false, echo)
+	addr := startProxy(t, newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"}), false).addr
+
+	for _, reused := range []uint32{1, 3} {
+		t.Run(fmt.Sprint(reused), func(t *testing.T) {
+			p := dialRaw(t, pki, addr)
+			p.get(1, "/")
+			p.response(1)
+			p.get(5, "/") // 3 skipped
+			p.response(5)
+			p.must(p.writeHeaders(5, true, fields("x-late-trailer", "1")))
+			p.ping("trailer!")
+			if p.goAway != nil {
+				t.Fatalf("late trailers: GOAWAY %+v; frames: %s", p.goAway, p.history())
+			}
+			p.get(reused, "/again")
+			p.until("a GOAWAY", func() bool { return p.goAway != nil })
+			if *p.goAway != (goAwayInfo{5, http2.ErrCodeProtocol}) {
+				t.Fatalf("request on stream %d after 5: GOAWAY %+v, want last 5 PROTOCOL_ERROR; frames: %s", reused, *p.goAway, p.history())
+			}
+		})
+	}
+}
