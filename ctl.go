@@ -15,6 +15,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -84,6 +85,12 @@ func ctlCmd(args []string, stdout, stderr io.Writer) int {
 		}
 		if st, ok := status.FromError(err); ok {
 			fmt.Fprintf(stderr, "portcullis ctl: %s: %s\n", st.Code(), st.Message())
+			// A server that wants a client certificate ends the TLS
+			// connection, and what reaches the client is a broken pipe
+			// or a reset that names no certificate.
+			if st.Code() == codes.Unavailable && !strings.HasPrefix(*admin, "unix:") && do.CertFile == "" {
+				fmt.Fprintln(stderr, "portcullis ctl: an admin server with client_ca set refuses clients without -tls-cert and -tls-key")
+			}
 		} else {
 			fmt.Fprintln(stderr, "portcullis ctl:", err)
 		}

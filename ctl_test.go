@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"database/sql"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	_ "github.com/mattn/go-sqlite3"
 
 	"github.com/portcullis/portcullis/testnet"
+	"github.com/portcullis/portcullis/testpki"
 )
 
 // TestCtl drives `portcullis ctl` in-process against a daemon subprocess,
@@ -356,4 +358,28 @@ func openIntact(t *testing.T, path string) *sql.DB {
 		t.Fatalf("%s: integrity_check: %q, %v", path, check, err)
 	}
 	return db
+}
+
+// TestCtlNamesMissingClientCertificate: an admin server with client_ca
+// ends the TLS connection of a client without a certificate, and what
+// the client sees names no certificate, so ctl says what is missing.
+func TestCtlNamesMissingClientCertificate(t *testing.T) {
+	serverCA, clientCA := testpki.NewCA(t), testpki.NewCA(t)
+	server := serverCA.Leaf(t, "127.0.0.1")
+	ops := clientCA.Leaf(t, "ops.example")
+	adminAddr := freeAddr(t)
+	env := newEnv(t)
+	env.admin = fmt.Sprintf("listen = %q\ntls_cert = %q\ntls_key = %q\nclient_ca = %q\n", adminAddr, server.CertFile, server.KeyFile, clientCA.CertFile)
+	env.writeConfig(t, "5s", l4Listener(freeAddr(t), "app.test", testnet.NamedBackend(t, "app")))
+	env.start(t)
+
+	const hint = "refuses clients without -tls-cert and -tls-key"
+	code, _, stderr := runCmd("ctl", "-admin", adminAddr, "-tls-ca", serverCA.CertFile, "status")
+	if code != 1 || !strings.Contains(stderr, hint) {
+		t.Fatalf("ctl without a client certificate: exit %d, stderr:\n%s", code, stderr)
+	}
+	code, stdout, stderr := runCmd("ctl", "-admin", adminAddr, "-tls-ca", serverCA.CertFile, "-tls-cert", ops.CertFile, "-tls-key", ops.KeyFile, "status")
+	if code != 0 || strings.Contains(stderr, hint) {
+		t.Fatalf("ctl with a client certificate: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
 }

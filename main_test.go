@@ -168,6 +168,7 @@ type testEnv struct {
 	db      string
 	metrics string   // host:port of /metrics
 	flags   []string // serve's flags beyond -config and -log-level
+	admin   string   // [admin] keys beyond unix_socket
 	starts  atomic.Int32
 }
 
@@ -196,14 +197,14 @@ func (e *testEnv) configText(grace, body string) string {
 
 [admin]
 unix_socket = "portcullis.sock"
-
+%s
 [metrics]
 listen = %q
 
 [state]
 database = "portcullis.db"
 
-`, grace, e.metrics)
+`, grace, e.admin, e.metrics)
 	return head + body
 }
 
