@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"slices"
 	"sync"
 	"time"
@@ -146,9 +147,32 @@ func (m *Manager) reloadLocked(trigger string, skipUnchanged bool) error {
 		m.record(trigger, "failure", err)
 		return err
 	}
+	m.warnStartOnly(m.file, cfg)
 	m.file, m.fileHash = cfg, hash
 	m.record(trigger, "success", nil)
 	return nil
+}
+
+// warnStartOnly says which changed sections of the file wait for a
+// restart: [admin], [metrics] and [state] are read once, at start, and
+// a reload that applies the rest would otherwise look as if it had
+// applied them too.
+func (m *Manager) warnStartOnly(prev, next *config.Config) {
+	if prev == nil {
+		return
+	}
+	for _, s := range []struct {
+		name string
+		same bool
+	}{
+		{"admin", reflect.DeepEqual(prev.Admin, next.Admin)},
+		{"metrics", reflect.DeepEqual(prev.Metrics, next.Metrics)},
+		{"state", reflect.DeepEqual(prev.State, next.State)},
+	} {
+		if !s.same {
+			m.log.Warn("config section changed: it takes effect at the next restart", "section", s.name)
+		}
+	}
 }
 
 // publish merges, validates, compiles and applies. m.mu is held.

@@ -644,3 +644,35 @@ func TestSpecialFileFailsReload(t *testing.T) {
 	r.write(appConfig(b))
 	r.await("l", "B")
 }
+
+// TestStartOnlySectionsWarn: a reload that changes [admin], [metrics] or
+// [state] applies the rest of the file and says that those sections wait
+// for a restart; a reload that leaves them alone says nothing of them.
+func TestStartOnlySectionsWarn(t *testing.T) {
+	a, b := testnet.NamedBackend(t, "A"), testnet.NamedBackend(t, "B")
+	metrics := func(port int) string { return fmt.Sprintf("[metrics]\nlisten = \"127.0.0.1:%d\"\n", port) }
+	var logs syncBuffer
+	r := &rig{t: t, dir: t.TempDir(), log: slog.New(slog.NewTextHandler(&logs, nil))}
+	r.path = filepath.Join(r.dir, "portcullis.toml")
+	r.write(metrics(9101) + appConfig(a))
+	r.start()
+	r.await("l", "A")
+
+	r.write(metrics(9102) + appConfig(b))
+	r.await("l", "B")
+	out := logs.String()
+	if !strings.Contains(out, "takes effect at the next restart") || !strings.Contains(out, "section=metrics") {
+		t.Fatalf("no warning that [metrics] waits for a restart:\n%s", out)
+	}
+	for _, s := range []string{"section=admin", "section=state"} {
+		if strings.Contains(out, s) {
+			t.Errorf("warned of an unchanged section (%s):\n%s", s, out)
+		}
+	}
+
+	r.write(metrics(9102) + appConfig(a))
+	r.await("l", "A")
+	if n := strings.Count(logs.String(), "takes effect at the next restart"); n != 1 {
+		t.Fatalf("%d warnings after a reload that left [metrics] alone, want the first one only:\n%s", n, logs.String())
+	}
+}
