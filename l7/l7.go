@@ -74,11 +74,13 @@ package l7
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"log"
 	"log/slog"
 	"net"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -276,9 +278,32 @@ func loadKeyPair(certFile, keyFile string) (tls.Certificate, error) {
 	}
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
+		// crypto/tls says only "failed to parse private key" for a
+		// passphrase-protected key, and names the pair: say what is
+		// wrong, and with which file, since no passphrase can be given.
+		if encryptedKey(keyPEM) {
+			return tls.Certificate{}, fmt.Errorf("l7: tls_key: %s: the private key is encrypted (passphrase-protected); it must be stored unencrypted", keyFile)
+		}
 		return tls.Certificate{}, fmt.Errorf("l7: tls_cert/tls_key: %w", err)
 	}
 	return cert, nil
+}
+
+// encryptedKey reports whether keyPEM holds an encrypted private key:
+// PKCS #8 "ENCRYPTED PRIVATE KEY", or a legacy PEM key with an
+// ENCRYPTED Proc-Type header (openssl's -aes256 and -des3).
+func encryptedKey(keyPEM []byte) bool {
+	for {
+		var b *pem.Block
+		b, keyPEM = pem.Decode(keyPEM)
+		if b == nil {
+			return false
+		}
+		if b.Type == "ENCRYPTED PRIVATE KEY" ||
+			strings.HasSuffix(b.Type, "PRIVATE KEY") && strings.Contains(b.Headers["Proc-Type"], "ENCRYPTED") {
+			return true
+		}
+	}
 }
 
 func loadRoots(file string) (*x509.CertPool, error) {

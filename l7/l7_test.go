@@ -3,7 +3,10 @@ package l7
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net"
@@ -49,6 +52,10 @@ func TestNewHandlerErrors(t *testing.T) {
 		{"no cert", func(o *Options) { o.CertFile = "/nonexistent/x.pem" }, "l7: tls_cert: open /nonexistent/x.pem: no such file"},
 		{"no key", func(o *Options) { o.KeyFile = "/nonexistent/k.pem" }, "l7: tls_key: open /nonexistent/k.pem"},
 		{"key for other cert", func(o *Options) { _, o.KeyFile = pki.leaf(t, "other.test") }, "l7: tls_cert/tls_key: "},
+		// crypto/tls says only "failed to parse private key", under the
+		// pair's name, for a key an operator forgot to decrypt.
+		{"encrypted key (legacy PEM)", func(o *Options) { o.KeyFile = encryptKeyFile(t, key, false) }, "l7: tls_key: " + filepath.Dir(key)},
+		{"encrypted key (PKCS #8)", func(o *Options) { o.KeyFile = encryptKeyFile(t, key, true) }, "l7: tls_key: " + filepath.Dir(key)},
 		{"backend without port", func(o *Options) { o.Backend = "10.0.0.1" }, "l7: backend: "},
 		{"unknown protocol", func(o *Options) { o.Protocol = "h3" }, `l7: backend_protocol: unknown "h3"`},
 		{"no CA file", func(o *Options) { o.Protocol, o.BackendCAFile = "h2", "/nonexistent/ca.pem" }, "l7: backend_ca: open /nonexistent/ca.pem"},
@@ -70,6 +77,37 @@ func TestNewHandlerErrors(t *testing.T) {
 		t.Fatalf("valid options: %v", err)
 	}
 	h.Close()
+}
+
+// encryptKeyFile writes keyFile's key encrypted with a passphrase next to
+// it, as a legacy PEM block with an ENCRYPTED Proc-Type header (openssl's
+// -aes256) or under PKCS #8's "ENCRYPTED PRIVATE KEY" type, and returns
+// the new file's name.
+func encryptKeyFile(t *testing.T, keyFile string, pkcs8 bool) string {
+	t.Helper()
+	data, err := os.ReadFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := pem.Decode(data)
+	// Deprecated as a way to protect keys, but openssl still writes them so.
+	enc, err := x509.EncryptPEMBlock(rand.Reader, b.Type, b.Bytes, []byte("secret"), x509.PEMCipherAES256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := "legacy-encrypted-key.pem"
+	if pkcs8 {
+		// The standard library writes no PKCS #8 encryption; the type
+		// is what marks it, and the DER is no more readable than the
+		// real thing without its passphrase.
+		enc = &pem.Block{Type: "ENCRYPTED PRIVATE KEY", Bytes: enc.Bytes}
+		name = "pkcs8-encrypted-key.pem"
+	}
+	out := filepath.Join(filepath.Dir(keyFile), name)
+	if err := os.WriteFile(out, pem.EncodeToMemory(enc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 // TestNewHandlerRefusesSpecialFiles: the admin API and the config name
