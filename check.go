@@ -4,6 +4,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"strings"
 	"text/tabwriter"
 
@@ -31,7 +32,18 @@ func checkCmd(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
-	cfg, err := checkConfig(*path)
+	// Warnings (a certificate that has expired, say) go to stderr; the
+	// file is still valid, as serve would take it.
+	warn := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{
+		Level: slog.LevelWarn,
+		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+			if len(groups) == 0 && a.Key == slog.TimeKey {
+				return slog.Attr{} // a check's output is read now, not later
+			}
+			return a
+		},
+	}))
+	cfg, err := checkConfig(*path, warn)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
@@ -42,12 +54,12 @@ func checkCmd(args []string, stdout, stderr io.Writer) int {
 
 // checkConfig runs the shared validation path: the same Parse and
 // Compile the reload path uses.
-func checkConfig(path string) (*config.Config, error) {
+func checkConfig(path string, log *slog.Logger) (*config.Config, error) {
 	cfg, err := config.Load(path)
 	if err != nil {
 		return nil, err
 	}
-	srv := proxy.NewServer(proxy.Options{})
+	srv := proxy.NewServer(proxy.Options{Logger: log})
 	snap, err := srv.Compile(cfg)
 	if err != nil {
 		return nil, err

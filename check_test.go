@@ -345,3 +345,50 @@ client_ca = %q
 		})
 	}
 }
+
+// TestCheckWarnsOfUnusableCertificate: a certificate clients will refuse
+// (here, expired) does not fail check, as serve takes it too, but check
+// says so on stderr, naming the route; a usable one draws no warning.
+func TestCheckWarnsOfUnusableCertificate(t *testing.T) {
+	ca := testpki.NewCA(t)
+	expired := ca.LeafValid(t, time.Now().Add(-48*time.Hour), time.Now().Add(-24*time.Hour), "secure.test")
+	for _, tc := range []struct {
+		name string
+		leaf testpki.Leaf
+		warn string
+	}{
+		{"expired", expired, "tls_cert has expired"},
+		{"valid", ca.Leaf(t, "secure.test"), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "portcullis.toml")
+			writeFile(t, path, fmt.Sprintf(`
+[[listener]]
+name = "public"
+listen = "127.0.0.1:8443"
+
+  [[listener.route]]
+  sni = "secure.test"
+  mode = "l7"
+  tls_cert = %q
+  tls_key = %q
+  backend = "127.0.0.1:9002"
+`, tc.leaf.CertFile, tc.leaf.KeyFile))
+			code, stdout, stderr := runCmd("check", "-config", path)
+			if code != 0 || !strings.Contains(stdout, "config OK") {
+				t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+			}
+			if tc.warn == "" {
+				if stderr != "" {
+					t.Fatalf("stderr for a usable certificate:\n%s", stderr)
+				}
+				return
+			}
+			for _, want := range []string{"level=WARN", tc.warn, "listener=public", "route=secure.test", "tls_cert=" + tc.leaf.CertFile} {
+				if !strings.Contains(stderr, want) {
+					t.Errorf("stderr lacks %q:\n%s", want, stderr)
+				}
+			}
+		})
+	}
+}

@@ -207,6 +207,7 @@ func NewHandler(o Options) (*Handler, error) {
 	if err != nil {
 		return nil, err
 	}
+	h.warnCertificate(cert.Leaf, o.Route, o.CertFile, time.Now())
 	h.tlsConfig = &tls.Config{
 		Certificates: []tls.Certificate{cert},
 		NextProtos:   []string{"h2", "http/1.1"},
@@ -264,6 +265,32 @@ func (h *Handler) Close() {
 	h.closed.Store(true)
 	if h.shared != nil {
 		h.shared.CloseIdleConnections()
+	}
+}
+
+// warnCertificate logs what makes a certificate that loads fail every
+// client anyway: being outside its validity period, or not naming the
+// hosts the route matches. The route is still compiled: a reload is all
+// or nothing, and refusing it would hold back every other change in it
+// (a blocklist entry, a new route), or the start itself.
+func (h *Handler) warnCertificate(leaf *x509.Certificate, sni, certFile string, now time.Time) {
+	if leaf == nil {
+		return
+	}
+	switch {
+	case now.After(leaf.NotAfter):
+		h.log.Warn("tls_cert has expired: clients will refuse it", "tls_cert", certFile, "not_after", leaf.NotAfter.UTC())
+	case now.Before(leaf.NotBefore):
+		h.log.Warn("tls_cert is not valid yet: clients will refuse it", "tls_cert", certFile, "not_before", leaf.NotBefore.UTC())
+	}
+	// A wildcard route matches any one label there: the certificate
+	// must too. The default route matches any name; nothing to check.
+	host := sni
+	if rest, ok := strings.CutPrefix(sni, "*."); ok {
+		host = "any-label." + rest
+	}
+	if sni != "*" && leaf.VerifyHostname(host) != nil {
+		h.log.Warn("tls_cert does not name the route's sni: clients will refuse it", "tls_cert", certFile, "sni", sni, "names", leaf.DNSNames)
 	}
 }
 

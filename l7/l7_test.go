@@ -2,6 +2,7 @@ package l7
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -9,6 +10,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -23,6 +25,7 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/portcullis/portcullis/testnet"
+	"github.com/portcullis/portcullis/testpki"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
@@ -35,6 +38,49 @@ import (
 )
 
 const url = "https://" + frontName
+
+// TestNewHandlerWarnsOfUnusableCertificate: a certificate that loads
+// but that clients will refuse (expired, not valid yet, or not naming
+// the route's hosts) is accepted with a warning saying why.
+func TestNewHandlerWarnsOfUnusableCertificate(t *testing.T) {
+	pki := newTestPKI(t)
+	now := time.Now()
+	day := 24 * time.Hour
+	tests := []struct {
+		name, sni string
+		leaf      testpki.Leaf
+		want      string // "" for no warning
+	}{
+		{"valid", "app.test", pki.Leaf(t, "app.test"), ""},
+		{"expired", "app.test", pki.LeafValid(t, now.Add(-2*day), now.Add(-day), "app.test"), "tls_cert has expired"},
+		{"not valid yet", "app.test", pki.LeafValid(t, now.Add(day), now.Add(2*day), "app.test"), "tls_cert is not valid yet"},
+		{"other name", "app.test", pki.Leaf(t, "other.test"), "tls_cert does not name the route's sni"},
+		{"wildcard certificate", "app.test", pki.Leaf(t, "*.test"), ""},
+		{"wildcard route and certificate", "*.w.test", pki.Leaf(t, "*.w.test"), ""},
+		{"wildcard route, one name", "*.w.test", pki.Leaf(t, "a.w.test"), "tls_cert does not name the route's sni"},
+		{"default route", "*", pki.Leaf(t, "app.test"), ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var logs bytes.Buffer
+			h, err := NewHandler(Options{
+				Listener: "l", Route: tt.sni, CertFile: tt.leaf.CertFile, KeyFile: tt.leaf.KeyFile,
+				Backend: "127.0.0.1:1", Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+			})
+			if err != nil {
+				t.Fatalf("NewHandler: %v", err)
+			}
+			h.Close()
+			out := logs.String()
+			switch {
+			case tt.want == "" && strings.Contains(out, "level=WARN"):
+				t.Fatalf("warned of a usable certificate:\n%s", out)
+			case tt.want != "" && !strings.Contains(out, tt.want):
+				t.Fatalf("no %q warning:\n%s", tt.want, out)
+			}
+		})
+	}
+}
 
 func TestNewHandlerErrors(t *testing.T) {
 	pki := newTestPKI(t)

@@ -76,6 +76,13 @@ func (ca *CA) Pool() *x509.CertPool {
 // by servers and clients; the first name is also the subject CN.
 func (ca *CA) Leaf(t testing.TB, names ...string) Leaf {
 	t.Helper()
+	return ca.LeafValid(t, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour), names...)
+}
+
+// LeafValid is Leaf with the given validity period, for certificates
+// that have expired or are not valid yet.
+func (ca *CA) LeafValid(t testing.TB, notBefore, notAfter time.Time, names ...string) Leaf {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -83,8 +90,8 @@ func (ca *CA) Leaf(t testing.TB, names ...string) Leaf {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(t),
 		Subject:      pkix.Name{CommonName: names[0]},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
+		NotBefore:    notBefore,
+		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
