@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,14 +72,17 @@ func (h *Handler) newTransport(dial dialFunc) backendTransport {
 			Protocols:              new(http.Protocols),
 		}
 		t.Protocols.SetHTTP1(true)
+		// Every connection counts its reads for staleCheck (see
+		// roundTripWithTimeout); for https1 it is the TLS connection,
+		// whose reads are the transport's.
 		if h.protocol == protoHTTP1 {
 			t.DialContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
-				return dial(ctx)
+				return countReads(dial(ctx))
 			}
 		} else {
 			t.TLSClientConfig = h.backendTLS
 			t.DialTLSContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
-				return h.dialTLS(ctx, dial)
+				return countReads(h.dialTLS(ctx, dial))
 			}
 		}
 		return t
@@ -206,6 +210,79 @@ func (c *trackedConn) Close() error {
 	return c.Conn.Close()
 }
 
+// countingConn is an HTTP/1.1 backend connection that counts the reads
+// that returned data, so that staleCheck can tell whether a response
+// was read before its request was sent.
+type countingConn struct {
+	net.Conn
+	reads atomic.Uint64
+}
+
+func countReads(c net.Conn, err error) (net.Conn, error) {
+	if err != nil {
+		return nil, err
+	}
+	return &countingConn{Conn: c}, nil
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.reads.Add(1)
+	}
+	return n, err
+}
+
+// errStaleResponse is returned for a request whose response was read from
+// bytes the backend sent before the request.
+var errStaleResponse = errors.New("backend response arrived before the request was sent")
+
+// staleCheck refuses an HTTP/1.1 response that the backend sent before
+// it was asked: the rest of an earlier response, longer than its
+// Content-Length (a 204 or HEAD response with a body, an application
+// that writes past the length it declared). net/http's transport reads
+// ahead, finds those bytes already buffered once the earlier body ends,
+// and returns the connection to the pool at once; it drops the
+// connection as unsolicited only if no request took it in the meantime.
+// Under load one often has, and gets the smuggled bytes as its
+// response, and the next client on that connection gets the response
+// meant for this one, and so on down the pool. A response whose first
+// byte came without a single read since the connection was handed to its
+// request was buffered before the request: the connection is closed,
+// so that its queue of shifted responses reaches nobody, and the request
+// gets 502.
+type staleCheck struct {
+	mu    sync.Mutex
+	conn  *countingConn // the connection the request got, nil before
+	reads uint64        // conn's reads when the request got it
+	stale bool
+}
+
+func (s *staleCheck) gotConn(info httptrace.GotConnInfo) {
+	c, _ := info.Conn.(*countingConn)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.conn = c
+	if c != nil {
+		s.reads = c.reads.Load()
+	}
+}
+
+func (s *staleCheck) firstByte() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn != nil && s.conn.reads.Load() == s.reads {
+		s.stale = true
+		s.conn.Close()
+	}
+}
+
+func (s *staleCheck) isStale() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stale
+}
+
 // errResponseTimeout is the cause of an outbound request cancelled because
 // the backend sent no response headers within ResponseTimeout.
 var errResponseTimeout = errors.New("no response headers within response timeout")
@@ -236,7 +313,16 @@ func (h *Handler) roundTripWithTimeout(rt http.RoundTripper, req *http.Request) 
 	ctx, cancel := context.WithCancelCause(req.Context())
 	timer := &responseTimer{d: h.responseTimeout, idle: h.idleTimeout, ctx: ctx, cancel: cancel}
 	timer.t = time.AfterFunc(h.responseTimeout, timer.fire)
-	out := req.WithContext(ctx)
+	octx := ctx
+	var stale *staleCheck
+	if !h.h2Backend {
+		stale = &staleCheck{}
+		octx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+			GotConn:              stale.gotConn,
+			GotFirstResponseByte: stale.firstByte,
+		})
+	}
+	out := req.WithContext(octx)
 	if req.Body != nil && req.Body != http.NoBody {
 		out.Body = &timedBody{ReadCloser: req.Body, timer: timer}
 	}
@@ -253,6 +339,11 @@ func (h *Handler) roundTripWithTimeout(rt http.RoundTripper, req *http.Request) 
 	if err != nil {
 		cancel(nil)
 		return nil, err
+	}
+	if stale != nil && stale.isStale() {
+		res.Body.Close()
+		cancel(nil)
+		return nil, errStaleResponse
 	}
 	cb := cancelBody{ReadCloser: res.Body, timer: timer}
 	if rw, ok := res.Body.(io.ReadWriteCloser); ok {

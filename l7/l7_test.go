@@ -891,3 +891,185 @@ func TestPrefixConn(t *testing.T) {
 		t.Fatalf("read %q, %v", got, err)
 	}
 }
+
+// TestHTTP1BackendOverlongResponse has an http1 backend answer /long with
+// a body longer than its Content-Length, the excess being a whole second
+// response, while other clients' requests share the pooled backend
+// connections. net/http's transport may hand such a connection, the
+// excess still buffered, to the next request, which then gets the excess
+// as its response, and every later request on the connection the
+// response meant for the one before: one client's data in another's
+// response. Each request must get its own response or a 502.
+func TestHTTP1BackendOverlongResponse(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	conns := map[net.Conn]struct{}{}
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns[c] = struct{}{}
+			mu.Unlock()
+			wg.Go(func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					var resp string
+					if req.URL.Path == "/long" {
+						resp = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi" +
+							"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
+					} else {
+						resp = fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(req.URL.Path), req.URL.Path)
+					}
+					if _, err := io.WriteString(c, resp); err != nil {
+						return
+					}
+				}
+			})
+		}
+	})
+
+	h := newTestHandler(t, pki, Options{Backend: ln.Addr().String(), Protocol: "http1"})
+	addr := startProxy(t, h, false).addr
+	c, _ := newClient(t, pki, addr, false, "")
+	c.Transport.(*http.Transport).MaxIdleConnsPerHost = 64
+
+	const clients, rounds = 32, 300
+	var failed atomic.Bool
+	var cw sync.WaitGroup
+	for g := range clients {
+		cw.Go(func() {
+			for i := range rounds {
+				if failed.Load() {
+					return
+				}
+				path := fmt.Sprintf("/c%d/%d", g, i)
+				if i%2 == g%2 {
+					path = "/long"
+				}
+				res, err := c.Get(url + path)
+				if err != nil {
+					failed.Store(true)
+					t.Errorf("GET %s: %v", path, err)
+					return
+				}
+				b, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				if err != nil {
+					failed.Store(true)
+					t.Errorf("GET %s: reading body: %v", path, err)
+					return
+				}
+				if path == "/long" || res.StatusCode == http.StatusBadGateway {
+					continue
+				}
+				if string(b) != path {
+					failed.Store(true)
+					t.Errorf("GET %s: got %d %q, another request's response", path, res.StatusCode, b)
+					return
+				}
+			}
+		})
+	}
+	cw.Wait()
+}
+
+// TestH2CUpgradeNotForwarded sends an HTTP/1.1 request asking to upgrade
+// to h2c: the backend must see a plain request, since one that switched
+// would take the client's HTTP/2 requests straight off the tunnel, with
+// forwarding headers of the client's making.
+func TestH2CUpgradeNotForwarded(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beHTTP1, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "connection=%q upgrade=%q settings=%q", r.Header.Values("Connection"), r.Header.Values("Upgrade"), r.Header.Values("Http2-Settings"))
+	}))
+	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "http1"})
+	addr := startProxy(t, h, false).addr
+	c, _ := newClient(t, pki, addr, false, "")
+	for _, conn := range []string{"Upgrade, HTTP2-Settings", "Upgrade"} {
+		req := mustRequest(t, "GET", url+"/", nil)
+		req.Header.Set("Connection", conn)
+		req.Header.Set("Upgrade", "h2c")
+		req.Header.Set("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA")
+		res, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if want := `connection=[] upgrade=[] settings=[]`; res.StatusCode != http.StatusOK || string(b) != want {
+			t.Errorf("Connection: %s: got %d %s, want 200 %s", conn, res.StatusCode, b, want)
+		}
+	}
+}
+
+// TestUpgradeKeepsEarlyClientBytes sends an upgrade request and the first
+// bytes of the new protocol in one write, as a client that does not wait
+// for the 101 may: the backend must get those bytes too.
+func TestUpgradeKeepsEarlyClientBytes(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startBackend(t, pki, beHTTP1, false, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "Upgrade")
+		w.Header().Set("Upgrade", "echo")
+		w.WriteHeader(http.StatusSwitchingProtocols)
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		line, err := brw.ReadString('\n')
+		if err != nil {
+			return
+		}
+		io.WriteString(conn, "echo: "+line)
+	}))
+	h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "http1"})
+	addr := startProxy(t, h, false).addr
+
+	conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pki.pool, ServerName: frontName, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, "GET / HTTP/1.1\r\nHost: "+frontName+"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly\n"); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	res, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("status %d, want 101", res.StatusCode)
+	}
+	line, err := br.ReadString('\n')
+	if line != "echo: early\n" {
+		t.Fatalf("after the 101: %q (%v), want %q", line, err, "echo: early\n")
+	}
+}

@@ -324,6 +324,20 @@ func (c *clientConn) rewrite(pr *httputil.ProxyRequest) {
 		hdr.Set("X-Forwarded-Host", pr.In.Host)
 	}
 
+	// An upgrade to h2c is not passed on ("h2c smuggling"): a backend
+	// that switched would then read the client's HTTP/2 straight off
+	// the tunnel, every request of it unseen by the proxy and carrying
+	// whatever forwarding headers the client wrote. The upgrade is for
+	// cleartext connections only (RFC 7540, 3.2) and deprecated (RFC
+	// 9113, 3.1), so the request goes on as a plain one, and a 101 the
+	// backend sends all the same is refused by ReverseProxy as an
+	// upgrade nobody asked for.
+	if httpguts.HeaderValuesContainsToken(hdr["Upgrade"], "h2c") {
+		hdr.Del("Upgrade")
+		hdr.Del("Connection")
+		hdr.Del("Http2-Settings")
+	}
+
 	// Request trailers: Out's trailer map is a copy of In's taken before
 	// the body was read, holding the declared names only; the server
 	// fills in In's values when the body ends. Copy them over then, in
@@ -600,8 +614,39 @@ func (w *statusRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err == nil {
 		w.hijacked = true
 		w.code = http.StatusSwitchingProtocols
+		if brw.Reader.Buffered() > 0 {
+			// What the client sent right behind its upgrade request
+			// is in brw, and ReverseProxy copies from conn alone: read
+			// that first, or the backend never sees it.
+			conn = &bufferedConn{Conn: conn, r: brw.Reader}
+		}
 	}
 	return conn, brw, err
+}
+
+// bufferedConn reads what r holds before reading the connection itself.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *bufferedConn) Read(p []byte) (int, error) {
+	if c.r != nil {
+		if c.r.Buffered() > 0 {
+			return c.r.Read(p)
+		}
+		c.r = nil
+	}
+	return c.Conn.Read(p)
+}
+
+// CloseWrite passes ReverseProxy's half-close on (the backend's EOF) to
+// the client, as the connection it wraps would.
+func (c *bufferedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.ErrUnsupported
 }
 
 func (w *statusRecorder) status() int {
