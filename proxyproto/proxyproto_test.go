@@ -427,6 +427,32 @@ func TestReadLeavesConnUsable(t *testing.T) {
 	}
 }
 
+// TestReadBareLF: a sender that ends its v1 line in LF alone (a common
+// hand-written or misconfigured header) is told the CR is missing, both
+// when Read stops at the LF and when the ClientHello came in the same
+// write and Read's last read went past the LF. Before, the second case
+// said "LF inside the line", pointing the operator at the wrong fault.
+func TestReadBareLF(t *testing.T) {
+	for _, tc := range []struct{ name, line string }{
+		{"tcp4", "PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\n"},
+		{"tcp6", "PROXY TCP6 2001:db8::1 2001:db8::2 56324 443\n"},
+		{"unknown", "PROXY UNKNOWN\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			client, server := tcpPair(t)
+			if _, err := io.WriteString(client, tc.line+trailer); err != nil {
+				t.Fatal(err)
+			}
+			client.(*net.TCPConn).CloseWrite()
+			server.SetReadDeadline(time.Now().Add(10 * time.Second))
+			h, err := Read(server)
+			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "LF without CR") {
+				t.Fatalf("Read(%q) = %+v, %v; want ErrInvalid naming the missing CR", tc.line, h, err)
+			}
+		})
+	}
+}
+
 func BenchmarkReadV1(b *testing.B) {
 	in := []byte("PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n")
 	r := bytes.NewReader(in)

@@ -24,6 +24,15 @@ func readV1(r io.Reader, buf []byte) (*Header, error) {
 	seen := 0 // bytes already searched for LF
 	for {
 		if i := bytes.IndexByte(line[seen:], '\n'); i >= 0 {
+			// A sender that ends its line in a bare LF is the usual
+			// way to get here, and by now the read has often gone past
+			// that LF into the ClientHello: name the missing CR rather
+			// than report an LF "inside" the line the sender ended.
+			// (An LF after a CR is always last: v1Need asks for one
+			// byte after a CR.)
+			if line[seen+i-1] != '\r' {
+				return nil, fmt.Errorf("%w: v1: line ends in LF without CR (want CRLF)", ErrInvalid)
+			}
 			if seen+i != len(line)-1 {
 				return nil, fmt.Errorf("%w: v1: LF inside the line", ErrInvalid)
 			}
