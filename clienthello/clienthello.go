@@ -57,6 +57,12 @@ func Read(r io.Reader, buf []byte) (Hello, error) {
 		}
 		hdr := raw[start : start+recordHeaderLen]
 		if hdr[0] != 0x16 {
+			if start == 0 && (string(hdr) == "PROXY" || string(hdr) == "\r\n\r\n\x00") {
+				// The v1 line and the v2 signature begin so: a sender
+				// that speaks the PROXY protocol to a listener not set
+				// to read it, which the record type alone would hide.
+				return Hello{}, fmt.Errorf("%w: a PROXY protocol header where a ClientHello was expected", ErrNotClientHello)
+			}
 			return Hello{}, fmt.Errorf("%w: record type %#x", ErrNotClientHello, hdr[0])
 		}
 		if hdr[1] != 3 {

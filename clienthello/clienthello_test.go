@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"crypto/tls"
 	"errors"
-	"github.com/portcullis/portcullis/testnet"
 	"io"
+	"strings"
 	"testing"
+
+	"github.com/portcullis/portcullis/testnet"
 )
 
 func TestReadClientHello(t *testing.T) {
@@ -108,4 +110,23 @@ func splitRecord(rec []byte, at int) []byte {
 		return append([]byte{0x16, rec[1], rec[2], byte(len(p) >> 8), byte(len(p))}, p...)
 	}
 	return append(mk(body[:at]), mk(body[at:])...)
+}
+
+// TestReadNamesProxyHeader: a PROXY protocol header where a ClientHello
+// was expected (a balancer sending one to a listener not set to read it)
+// is named as such, not only by its first byte's record type.
+func TestReadNamesProxyHeader(t *testing.T) {
+	for _, in := range []string{
+		"PROXY TCP4 192.0.2.1 192.0.2.2 1234 443\r\n",
+		"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c",
+	} {
+		_, err := Read(bytes.NewReader([]byte(in)), nil)
+		if !errors.Is(err, ErrNotClientHello) || !strings.Contains(err.Error(), "PROXY protocol header") {
+			t.Errorf("Read(%q) = %v, want an error naming a PROXY protocol header", in, err)
+		}
+	}
+	_, err := Read(bytes.NewReader([]byte("GET / HTTP/1.1\r\n\r\n")), nil)
+	if err == nil || strings.Contains(err.Error(), "PROXY") {
+		t.Errorf("Read(an HTTP request) = %v", err)
+	}
 }
