@@ -274,12 +274,15 @@ func (r *relay) responseTimedOut(st *relayStream) {
 	b.write(func() error { return b.fr.WriteRSTStream(st.id, http2.ErrCodeCancel) })
 	b.flush()
 	r.answer(st.id, http.StatusGatewayTimeout, reqDone, st.head)
+	r.client.flush()
 	r.endIfDone()
 }
 
 // answer writes the relay's own short response on stream id (without
 // the body for a HEAD request), and resets the stream if the client is
-// still sending its request.
+// still sending its request. The caller flushes: the direction loops do
+// once their input is read, so that answers to a burst of requests share
+// a write.
 func (r *relay) answer(id uint32, code int, reqDone, head bool) {
 	body := statusBodies[code]
 	n := int64(len(body))
@@ -312,11 +315,9 @@ func (r *relay) answer(id uint32, code int, reqDone, head bool) {
 		}
 		if !reqDone {
 			// Stop the rest of the request body (RFC 9113, 8.1).
-			if err := c.fr.WriteRSTStream(id, http2.ErrCodeNo); err != nil {
-				return err
-			}
+			return c.fr.WriteRSTStream(id, http2.ErrCodeNo)
 		}
-		return c.bw.Flush()
+		return nil
 	})
 }
 

@@ -16,12 +16,13 @@ func (r *relay) fromBackend() {
 		f, err := b.fr.ReadFrame()
 		if err != nil {
 			var se http2.StreamError
-			if errors.As(err, &se) {
-				r.backendStreamError(se)
-				continue
+			if !errors.As(err, &se) {
+				r.backendFailed(err)
+				return
 			}
-			r.backendFailed(err)
-			return
+			// Answered, and flushed below with the rest (f is nil).
+			r.backendStreamError(se)
+			err = nil
 		}
 		switch f := f.(type) {
 		case *http2.DataFrame:
@@ -35,7 +36,9 @@ func (r *relay) fromBackend() {
 				err = nil
 			}
 		case *http2.RSTStreamFrame:
-			r.backendReset(f)
+			if r.backendReset(f) {
+				return // the client is cut off; end has closed the backend
+			}
 		case *http2.WindowUpdateFrame:
 			if f.StreamID == 0 || r.known(f.StreamID) {
 				c.write(func() error { return c.fr.WriteWindowUpdate(f.StreamID, f.Increment) })
@@ -183,9 +186,12 @@ func (r *relay) spendClientWindow(n int64) bool {
 	return !r.ended
 }
 
-func (r *relay) backendReset(f *http2.RSTStreamFrame) {
+// backendReset forwards a backend's RST_STREAM. It reports whether it
+// ended the relay, for a client past maxEarlyResets.
+func (r *relay) backendReset(f *http2.RSTStreamFrame) bool {
 	r.mu.Lock()
 	st := r.streams[f.StreamID]
+	calm := false
 	if st != nil {
 		code := st.code
 		switch {
@@ -195,19 +201,44 @@ func (r *relay) backendReset(f *http2.RSTStreamFrame) {
 			// counted as a request (as after a GOAWAY).
 		default:
 			code = http.StatusBadGateway
+			if clientCaused(f.ErrCode) {
+				r.earlyResets++
+				calm = r.earlyResets > maxEarlyResets
+			}
 		}
 		r.removeLocked(st, code)
 	}
 	r.mu.Unlock()
 	if st == nil {
-		return
+		return false
 	}
 	if st.code == 0 && f.ErrCode != http2.ErrCodeRefusedStream {
 		r.backendError(kindOther, http2.StreamError{StreamID: f.StreamID, Code: f.ErrCode})
 	}
 	c := r.client
 	c.write(func() error { return c.fr.WriteRSTStream(f.StreamID, f.ErrCode) })
+	if calm {
+		r.clientFailed(r.calm())
+		return true
+	}
 	r.endIfDone()
+	return false
+}
+
+// clientCaused reports whether a backend's RST_STREAM with code says the
+// stream broke the protocol. The relay forwards the client's frames as
+// they are, so a client can have the backend reset streams it has
+// started (a WINDOW_UPDATE that overflows the backend's send window, DATA
+// past its receive window) as surely as with a RST_STREAM of its own
+// ("MadeYouReset", CVE-2025-8671), while the relay takes each reset
+// stream off its count of concurrent ones. Such resets of streams not
+// yet answered count towards maxEarlyResets.
+func clientCaused(code http2.ErrCode) bool {
+	switch code {
+	case http2.ErrCodeProtocol, http2.ErrCodeFlowControl, http2.ErrCodeStreamClosed, http2.ErrCodeFrameSize:
+		return true
+	}
+	return false
 }
 
 func (r *relay) backendStreamError(se http2.StreamError) {

@@ -28,8 +28,10 @@ func (r *relay) fromClient() {
 			}
 			if err != nil {
 				r.clientFailed(err)
+				continue // drains, see end
 			}
-			continue // drains, see end
+			// A frame the framer found malformed: answered, and flushed
+			// below with the rest (f is nil).
 		}
 		switch f := f.(type) {
 		case *http2.DataFrame:
@@ -282,9 +284,11 @@ func (r *relay) clientStreamError(se http2.StreamError) error {
 		r.lastStream = se.StreamID
 	}
 	r.mu.Unlock()
+	// Not flushed here: fromClient flushes once it has read what the
+	// client sent, so that a burst of malformed frames does not cost a
+	// TLS record and a write each.
 	c, b := r.client, r.backend
 	c.write(func() error { return c.fr.WriteRSTStream(se.StreamID, se.Code) })
-	c.flush()
 	if st != nil {
 		b.write(func() error { return b.fr.WriteRSTStream(se.StreamID, http2.ErrCodeCancel) })
 		if calm {

@@ -381,12 +381,16 @@ func (d *headerDecoder) read(fr *http2.Framer, hf *http2.HeadersFrame) (*headerB
 	}
 	d.size, d.regular, d.invalid = 0, false, nil
 
-	// A block may be at most this long on the wire: a sender far past
-	// the field limit is flooding, not sending headers.
+	// A block may be at most this long on the wire, frame headers
+	// included: a sender far past the field limit is flooding, not
+	// sending headers. Counting the headers bounds a flood of empty
+	// CONTINUATIONs too (CVE-2024-28182), which would otherwise keep the
+	// block, and this loop, going for as long as the sender likes.
+	const frameHeaderLen = 9
 	budget := 2*int64(d.maxList) + 64<<10
 	frag, ended := hf.HeaderBlockFragment(), hf.HeadersEnded()
 	for {
-		if budget -= int64(len(frag)); budget < 0 {
+		if budget -= frameHeaderLen + int64(len(frag)); budget < 0 {
 			return nil, http2.ConnectionError(http2.ErrCodeProtocol)
 		}
 		if _, err := d.dec.Write(frag); err != nil {

@@ -116,6 +116,7 @@ read:
 				r.h.metrics.streamStarted()
 				r.h.metrics.backendError(kindUnreachable)
 				r.answer(last, http.StatusBadGateway, blk.endStream, isHead(blk))
+				c.flush()
 				r.h.metrics.streamDone()
 				r.h.metrics.requestDone(http.StatusBadGateway, time.Since(start))
 			}

@@ -512,6 +512,13 @@ func dialRelay(t *testing.T, pki *testPKI, o Options) *h2Peer {
 // SETTINGS_HEADER_TABLE_SIZE among settings also sizes its HPACK decoder.
 func dialRaw(t *testing.T, pki *testPKI, addr string, settings ...http2.Setting) *h2Peer {
 	t.Helper()
+	return dialRawOver(t, pki, addr, nil, settings...)
+}
+
+// dialRawOver is dialRaw with the TCP connection passed through wrap
+// (when not nil) before TLS starts on it.
+func dialRawOver(t *testing.T, pki *testPKI, addr string, wrap func(net.Conn) net.Conn, settings ...http2.Setting) *h2Peer {
+	t.Helper()
 	table := uint32(4096)
 	maxRead := uint32(16384)
 	for _, s := range settings {
@@ -522,12 +529,20 @@ func dialRaw(t *testing.T, pki *testPKI, addr string, settings ...http2.Setting)
 			maxRead = s.Val
 		}
 	}
-	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: rawWait}, "tcp", addr,
-		&tls.Config{RootCAs: pki.pool, ServerName: frontName, NextProtos: []string{"h2"}})
+	nc, err := net.DialTimeout("tcp", addr, rawWait)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if wrap != nil {
+		nc = wrap(nc)
+	}
+	tc := tls.Client(nc, &tls.Config{RootCAs: pki.pool, ServerName: frontName, NextProtos: []string{"h2"}})
 	t.Cleanup(func() { tc.Close() })
+	tc.SetDeadline(time.Now().Add(rawWait))
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	tc.SetDeadline(time.Time{})
 	if got := tc.ConnectionState().NegotiatedProtocol; got != "h2" {
 		t.Fatalf("ALPN %q, want h2", got)
 	}
@@ -2611,6 +2626,174 @@ func TestRelayStreamErrorsCountAsResets(t *testing.T) {
 	p.until("the connection to close", func() bool { return p.readErr != nil })
 	if p.goAway == nil || p.goAway.code != http2.ErrCodeEnhanceYourCalm {
 		t.Fatalf("GOAWAY %+v, want ENHANCE_YOUR_CALM; frames: %s", p.goAway, p.history())
+	}
+}
+
+// A client can also have the backend reset streams for it: the relay
+// forwards a stream's WINDOW_UPDATE as it is, and one that overflows the
+// backend's send window (RFC 9113, 6.9.1) has the backend reset the
+// stream with FLOW_CONTROL_ERROR, which frees its place among the
+// relay's concurrent streams while the backend may still be working on
+// it ("MadeYouReset", CVE-2025-8671). Those resets count towards the
+// rapid-reset limit too.
+func TestRelayBackendResetsClientCausedCount(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	started := make(chan struct{}, 4096) // never full: handlers must not block on it
+	release, _ := releaser(t)
+	be := startH2CBackend(t, nil, holdOn("/hold", "held", started, release))
+	p := dialRelay(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+
+	id := uint32(1)
+	for range maxEarlyResets + 1 {
+		p.get(id, "/hold")
+		p.must(p.write(func() error { return p.fr.WriteWindowUpdate(id, 1<<31-1) }))
+		// One at a time, so that none is refused for want of room.
+		if s := p.response(id); s.rst == nil || *s.rst != http2.ErrCodeFlowControl {
+			t.Fatalf("stream %d: rst %v, want the backend's RST_STREAM FLOW_CONTROL_ERROR; frames: %s", id, s.rst, p.history())
+		}
+		id += 2
+	}
+	p.until("the connection to close", func() bool { return p.readErr != nil })
+	if p.goAway == nil || p.goAway.code != http2.ErrCodeEnhanceYourCalm {
+		t.Fatalf("GOAWAY %+v, want ENHANCE_YOUR_CALM; frames: %s", p.goAway, p.history())
+	}
+}
+
+// recordCounter counts the TLS records read from a connection.
+type recordCounter struct {
+	net.Conn
+	records atomic.Int64
+	hdr     []byte // of the record being read, while incomplete
+	left    int    // bytes of the current record's body still to come
+}
+
+func (c *recordCounter) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	for p := b[:n]; len(p) > 0; {
+		if c.left > 0 {
+			k := min(c.left, len(p))
+			c.left -= k
+			p = p[k:]
+			continue
+		}
+		k := min(5-len(c.hdr), len(p))
+		c.hdr = append(c.hdr, p[:k]...)
+		p = p[k:]
+		if len(c.hdr) == 5 {
+			c.left = int(c.hdr[3])<<8 | int(c.hdr[4])
+			c.hdr = c.hdr[:0]
+			c.records.Add(1)
+		}
+	}
+	return n, err
+}
+
+// What the relay writes to a client in answer to a burst of its frames
+// (a RST_STREAM for each malformed frame, a response of its own for each
+// request it refuses) goes out in one flush once the burst is read, as
+// everything else does: a flush per frame would cost a TLS record and a
+// system call per 13 bytes the client sends, many times what relaying
+// those bytes costs.
+func TestRelayAnswersToBurstsFlushedOnce(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startH2CBackend(t, nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	addr := startProxy(t, newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "h2c"}), false).addr
+	const burst = 100
+	burstEnd := [8]byte{'b', 'u', 'r', 's', 't'}
+
+	for _, tc := range []struct {
+		name  string
+		frame func(p *h2Peer, fr *http2.Framer, i int) error
+		check func(p *h2Peer) bool
+	}{
+		{
+			"stream errors",
+			func(p *h2Peer, fr *http2.Framer, i int) error {
+				return fr.WriteWindowUpdate(1, 0) // on a closed stream
+			},
+			func(p *h2Peer) bool { return p.stream(1).rst != nil && *p.stream(1).rst == http2.ErrCodeProtocol },
+		},
+		{
+			"own answers",
+			func(p *h2Peer, fr *http2.Framer, i int) error {
+				return fr.WriteHeaders(http2.HeadersFrameParam{
+					StreamID: uint32(3 + 2*i), EndStream: true, EndHeaders: true,
+					BlockFragment: p.encodeLocked(fields(":method", "CONNECT", ":authority", frontName)),
+				})
+			},
+			func(p *h2Peer) bool {
+				for i := range burst {
+					if p.stream(uint32(3+2*i)).status() != "405" {
+						return false
+					}
+				}
+				return true
+			},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var rc *recordCounter
+			p := dialRawOver(t, pki, addr, func(c net.Conn) net.Conn { rc = &recordCounter{Conn: c}; return rc })
+			p.get(1, "/")
+			if s := p.response(1); s.status() != "200" {
+				t.Fatalf("stream 1: %s", s.status())
+			}
+			p.ping("settled!")
+			before := rc.records.Load()
+			p.must(p.write(func() error {
+				// All in one write, so the relay reads them at once.
+				var buf bytes.Buffer
+				fr := http2.NewFramer(&buf, nil)
+				fr.AllowIllegalWrites = true // for the WINDOW_UPDATE of 0
+				for i := range burst {
+					if err := tc.frame(p, fr, i); err != nil {
+						return err
+					}
+				}
+				fr.WritePing(false, burstEnd)
+				_, err := p.conn.Write(buf.Bytes())
+				return err
+			}))
+			p.until("the answers and the PING ACK", func() bool { return tc.check(p) && slices.Contains(p.pingAcks, burstEnd) })
+			// The answers fill a write buffer or two; the PING's ACK
+			// comes from the backend in a record of its own.
+			if n := rc.records.Load() - before; n > 5 {
+				t.Errorf("%d TLS records for the answers to %d frames read at once, want a few", n, burst)
+			}
+		})
+	}
+}
+
+// A header block may be only so long on the wire, however it is cut:
+// empty CONTINUATION frames add nothing to it but still have to be read,
+// and a client sending them without end (CVE-2024-28182) is cut off with
+// a connection error, as one sending too many header bytes is.
+func TestRelayEmptyContinuationFlood(t *testing.T) {
+	checkLeaks(t)
+	pki := newTestPKI(t)
+	be := startH2CBackend(t, nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	p := dialRelay(t, pki, Options{Backend: be.addr, Protocol: "h2c"})
+
+	// More empty frames than a block of the largest allowed size would
+	// take on the wire (2 × 64 KiB + 64 KiB), then the end of the block.
+	const frames = (3*maxHeaderBytes)/9 + 1
+	p.must(p.write(func() error {
+		var buf bytes.Buffer
+		fr := http2.NewFramer(&buf, nil)
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: p.encodeLocked(reqFields("GET", "/")), EndStream: true})
+		for range frames {
+			fr.WriteContinuation(1, false, nil)
+		}
+		fr.WriteContinuation(1, true, nil)
+		fr.WritePing(false, [8]byte{'a', 'f', 't', 'e', 'r'})
+		_, err := p.conn.Write(buf.Bytes())
+		return err
+	}))
+	p.until("the connection to close, or the request to be answered", func() bool { return p.readErr != nil || p.stream(1).done() })
+	if p.goAway == nil || p.goAway.code != http2.ErrCodeProtocol {
+		t.Fatalf("GOAWAY %+v, want PROTOCOL_ERROR; stream 1: %s; frames: %s", p.goAway, p.stream(1).status(), p.history())
 	}
 }
 
