@@ -226,7 +226,7 @@ func actor(ctx context.Context) string {
 	switch ai := p.AuthInfo.(type) {
 	case credentials.TLSInfo:
 		if certs := ai.State.PeerCertificates; len(certs) > 0 {
-			return certs[0].Subject.String()
+			return certActor(certs[0])
 		}
 		return "tls:" + p.Addr.String()
 	case peerCredInfo:
@@ -276,3 +276,24 @@ func (peerCredentials) Info() credentials.ProtocolInfo {
 }
 func (p peerCredentials) Clone() credentials.TransportCredentials { return p }
 func (peerCredentials) OverrideServerName(string) error           { return nil }
+
+// certActor names a client certificate's holder: its subject, or, for a
+// certificate with an empty subject that names its holder only in the
+// subject alternative name (RFC 5280 4.1.2.6; SPIFFE IDs), that name,
+// so the mutation is not recorded as made by no one.
+func certActor(c *x509.Certificate) string {
+	if s := c.Subject.String(); s != "" {
+		return s
+	}
+	switch {
+	case len(c.URIs) > 0:
+		return "uri:" + c.URIs[0].String()
+	case len(c.DNSNames) > 0:
+		return "dns:" + c.DNSNames[0]
+	case len(c.EmailAddresses) > 0:
+		return "email:" + c.EmailAddresses[0]
+	case len(c.IPAddresses) > 0:
+		return "ip:" + c.IPAddresses[0].String()
+	}
+	return "serial:" + c.SerialNumber.Text(16)
+}

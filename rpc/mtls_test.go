@@ -135,6 +135,25 @@ func TestAdminMutualTLS(t *testing.T) {
 	}
 	h.wantBackend("public", "new.test", "new")
 
+	// A certificate with an empty subject names its holder only in the
+	// subject alternative name: that name is the actor, not "".
+	spiffe := clientCA.LeafURI(t, "spiffe://example.org/ops")
+	scli, err := rpc.Dial(addr, rpc.DialOptions{CAFile: serverCA.CertFile, CertFile: spiffe.CertFile, KeyFile: spiffe.KeyFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer scli.Close()
+	if _, err := scli.AddFirewallRule(h.ctx(), "198.51.100.7"); err != nil {
+		t.Fatal(err)
+	}
+	list, err = cli.Overrides(h.ctx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o := findOverride(list, "firewall", "", "", "198.51.100.7/32"); o == nil || o.Actor != "uri:spiffe://example.org/ops" {
+		t.Errorf("firewall override %+v, want actor uri:spiffe://example.org/ops", o)
+	}
+
 	// Plaintext gRPC to the TLS port is refused.
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

@@ -756,6 +756,19 @@ func TestErrorCodes(t *testing.T) {
 		{"clear absent listener override", func() error { return h.cli.ClearOverride(ctx, "listener", "public", "", "") }, codes.NotFound, ""},
 
 		{"bad backend", func() error { return route(&adminpb.Route{Listener: "public", Sni: "x.test", Backend: "nohost"}) }, codes.InvalidArgument, "route.backend"},
+		// SplitHostPort takes any bytes as the host; none of these can be
+		// dialled, and a stored host of megabytes would push every later
+		// ListRoutes reply past gRPC's 4 MiB limit.
+		{"backend host with a space", func() error {
+			return route(&adminpb.Route{Listener: "public", Sni: "x.test", Backend: " 127.0.0.1:80"})
+		}, codes.InvalidArgument, "route.backend"},
+		{"backend host with NUL", func() error {
+			return route(&adminpb.Route{Listener: "public", Sni: "x.test", Backend: "127.0.0.1\x00:80"})
+		}, codes.InvalidArgument, "route.backend"},
+		{"backend host with newline", func() error { return route(&adminpb.Route{Listener: "public", Sni: "x.test", Backend: "a\nb:80"}) }, codes.InvalidArgument, "route.backend"},
+		{"backend host of 3 MiB", func() error {
+			return route(&adminpb.Route{Listener: "public", Sni: "x.test", Backend: strings.Repeat("a", 3<<20) + ":80"})
+		}, codes.InvalidArgument, "route.backend"},
 		{"bad sni", func() error { return route(&adminpb.Route{Listener: "public", Sni: "a.*.b", Backend: be}) }, codes.InvalidArgument, "route.sni"},
 		{"empty sni", func() error { return route(&adminpb.Route{Listener: "public", Backend: be}) }, codes.InvalidArgument, "route.sni"},
 		{"bad mode", func() error { return route(&adminpb.Route{Listener: "public", Sni: "x.test", Backend: be, Mode: "l5"}) }, codes.InvalidArgument, "route.mode"},

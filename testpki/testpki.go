@@ -18,6 +18,7 @@ import (
 	"encoding/pem"
 	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
@@ -102,6 +103,33 @@ func (ca *CA) LeafValid(t testing.TB, notBefore, notAfter time.Time, names ...st
 			tmpl.DNSNames = append(tmpl.DNSNames, n)
 		}
 	}
+	return ca.issue(t, key, tmpl)
+}
+
+// LeafURI issues a client certificate with an empty subject that names
+// its holder only by a URI subject alternative name (as SPIFFE does).
+func (ca *CA) LeafURI(t testing.TB, uri string) Leaf {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := url.Parse(uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca.issue(t, key, &x509.Certificate{
+		SerialNumber: serial(t),
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		URIs:         []*url.URL{u},
+	})
+}
+
+func (ca *CA) issue(t testing.TB, key *ecdsa.PrivateKey, tmpl *x509.Certificate) Leaf {
+	t.Helper()
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
 	if err != nil {
 		t.Fatal(err)
