@@ -221,7 +221,7 @@ func Parse(path string, data []byte) (*Config, error) {
 		}
 	}
 	c.ApplyDefaults()
-	if err := errors.Join(durations, unknown, without(c.Validate(), durations)); err != nil {
+	if err := errors.Join(durations, unknown, without(c.Validate(), durations), c.backendHosts()); err != nil {
 		return nil, err
 	}
 	return c, nil

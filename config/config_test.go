@@ -88,6 +88,7 @@ func TestErrorsNameFileLineKey(t *testing.T) {
 		{"backend port 0", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"127.0.0.1:0\"\n", "p.toml:6: listener[0].route[0].backend: \"127.0.0.1:0\": port 0"},
 		{"bad sni", base + "[[listener.route]]\nsni = \"a.*.test\"\nbackend = \"b:1\"\n", "p.toml:5: listener[0].route[0].sni"},
 		{"two-label wildcard sni", base + "[[listener.route]]\nsni = \"*.*.test\"\nbackend = \"b:1\"\n", "p.toml:5: listener[0].route[0].sni: \"*.*.test\" is not"},
+		{"backend host with a space", base + "[[listener.route]]\nsni = \"a.test\"\nbackend = \"a b:1\"\n", "p.toml:6: listener[0].route[0].backend: host \"a b\" is not an IP address or host name"},
 		{"negative max", base + "max_connections = -1\n", "p.toml:4: listener[0].max_connections: must not be negative"},
 		{"negative timeout", base + "idle_timeout = \"-1s\"\n", "p.toml:4: listener[0].idle_timeout: must not be negative"},
 		{"bad cidr", "[firewall]\nblock = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]\n", "p.toml:4: firewall.block[1]"},

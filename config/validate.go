@@ -391,3 +391,45 @@ func CanonicalHostPort(s string) (string, error) {
 	}
 	return net.JoinHostPort(strings.ToLower(host), strconv.FormatUint(n, 10)), nil
 }
+
+// CheckBackendHost refuses a backend whose host is neither an IP address
+// nor a DNS host name of at most 253 bytes. CanonicalHostPort takes any
+// bytes as the host: a space, NUL or newline makes a route no connection
+// can reach, and a host of megabytes, stored as an override, pushes every
+// later listing past gRPC's message limit. It is checked on the file as
+// parsed and on what an admin call sends, not in Validate, which also
+// runs on the overrides stored so far: one stored before this check would
+// stop the daemon from starting, and with it the admin API that could
+// clear it. A backend that is not host:port at all is left to Validate.
+func CheckBackendHost(hostport string) error {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return nil
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return nil
+	}
+	if len(host) > 253 {
+		return fmt.Errorf("host is %d bytes; a host name has at most 253", len(host))
+	}
+	for i := 0; i < len(host); i++ {
+		c := host[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return fmt.Errorf("host %q is not an IP address or host name", host)
+		}
+	}
+	return nil
+}
+
+// backendHosts is CheckBackendHost on every route of the file.
+func (c *Config) backendHosts() error {
+	var errs []error
+	for li := range c.Listeners {
+		for ri, r := range c.Listeners[li].Routes {
+			if err := CheckBackendHost(r.Backend); err != nil {
+				errs = append(errs, c.KeyError(c.RouteKey(li, ri)+".backend", err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -19,8 +19,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/netip"
 	"slices"
 	"time"
 
@@ -507,7 +505,7 @@ func routeFromPB(p *adminpb.Route) (config.Route, error) {
 			return r, invalid("route.response_timeout", err)
 		}
 	}
-	if err := backendHost(p.Backend); err != nil {
+	if err := config.CheckBackendHost(p.Backend); err != nil {
 		return r, invalid("route.backend", err)
 	}
 	r.ApplyDefaults()
@@ -521,33 +519,4 @@ func routeFromPB(p *adminpb.Route) (config.Route, error) {
 		return r, invalid("route."+config.Field(err), inner)
 	}
 	return r, nil
-}
-
-// backendHost refuses a backend whose host is neither an IP address nor
-// a DNS host name of at most 253 bytes. config.CanonicalHostPort takes
-// any bytes as the host: a space, NUL or newline makes a route no
-// connection can reach (and breaks ctl's table output), and a host of
-// megabytes pushes every later ListRoutes and ListOverrides reply past
-// gRPC's 4 MiB message limit. It is checked here, on what a caller
-// sends, and not in config.Route.Validate, which also runs on the
-// overrides stored so far: one stored before this check would stop the
-// daemon from starting, and with it the admin API that could clear it.
-func backendHost(hostport string) error {
-	host, _, err := net.SplitHostPort(hostport)
-	if err != nil {
-		return nil // Validate says what is wrong
-	}
-	if _, err := netip.ParseAddr(host); err == nil {
-		return nil
-	}
-	if len(host) > 253 {
-		return fmt.Errorf("host is %d bytes; a host name has at most 253", len(host))
-	}
-	for i := 0; i < len(host); i++ {
-		c := host[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
-			return fmt.Errorf("host %q is not an IP address or host name", host)
-		}
-	}
-	return nil
 }
