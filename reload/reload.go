@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -101,7 +102,7 @@ func (m *Manager) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := m.publish(cfg, o); err != nil {
+	if err := m.publishAtStart(cfg, o); err != nil {
 		return err
 	}
 	m.file, m.fileHash = cfg, cfg.Hash()
@@ -116,6 +117,59 @@ func (m *Manager) Start(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// publishAtStart publishes file ⊕ o, leaving out any stored route
+// override that can no longer be applied (its certificate was deleted
+// while the daemon was down, say). Refusing to start over it would also
+// keep down the admin API that can clear it. A route left out is logged
+// and reported among the orphans; it stays stored, so every reload and
+// mutation names it until it is fixed or cleared, as when one breaks
+// while the daemon runs. Any other error stops the start.
+func (m *Manager) publishAtStart(file *config.Config, o *state.Overrides) error {
+	applied := o
+	var left []Orphan
+	for {
+		err := m.publish(file, applied)
+		if err == nil {
+			break
+		}
+		listener, sni, ok := overrideAt(Merge(file, applied).Config, err)
+		if !ok {
+			return err
+		}
+		if applied == o {
+			applied = o.Clone()
+		}
+		if !applied.RemoveRoute(listener, sni) {
+			return err
+		}
+		m.log.Error("stored route override cannot be applied: starting without it; put it again or clear it with ctl",
+			"listener", listener, "sni", sni, "err", err)
+		left = append(left, Orphan{Kind: "route", Listener: listener, SNI: sni, Reason: err.Error()})
+	}
+	m.eff.Orphans = append(m.eff.Orphans, left...)
+	return nil
+}
+
+// overrideAt finds the route override of c that err (a *config.Error)
+// is about, by its key.
+func overrideAt(c *config.Config, err error) (listener, sni string, ok bool) {
+	var ce *config.Error
+	if !errors.As(err, &ce) {
+		return "", "", false
+	}
+	for li := range c.Listeners {
+		for ri, r := range c.Listeners[li].Routes {
+			if r.Source != "" {
+				continue // the file's own route
+			}
+			if k := c.RouteKey(li, ri); ce.Key == k || strings.HasPrefix(ce.Key, k+".") {
+				return c.Listeners[li].Name, r.SNI, true
+			}
+		}
+	}
+	return "", "", false
 }
 
 // Reload re-reads the config file and publishes it merged with the

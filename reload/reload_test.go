@@ -676,3 +676,58 @@ func TestStartOnlySectionsWarn(t *testing.T) {
 		t.Fatalf("%d warnings after a reload that left [metrics] alone, want the first one only:\n%s", n, logs.String())
 	}
 }
+
+// TestStartLeavesOutOverrideThatCannotApply: a stored L7 route override
+// whose certificate is gone (deleted while the daemon was down) does not
+// stop the start, which would keep down the admin API that can clear it.
+// The rest serves, the override is reported among the orphans and stays
+// stored, a mutation names it until it is dealt with, and clearing it
+// works.
+func TestStartLeavesOutOverrideThatCannotApply(t *testing.T) {
+	a := testnet.NamedBackend(t, "A")
+	dir := t.TempDir()
+	st, err := state.Open(filepath.Join(dir, "state.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx := context.Background()
+	gone := state.RouteOverride{Listener: "l", SNI: "x.test", Route: config.Route{
+		SNI: "x.test", Mode: config.ModeL7, Backend: a,
+		TLSCert: filepath.Join(dir, "deleted.pem"), TLSKey: filepath.Join(dir, "deleted-key.pem"),
+	}}
+	if err := st.PutRoute(ctx, gone); err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	r := &rig{t: t, dir: dir, path: filepath.Join(dir, "portcullis.toml"), store: st, log: slog.New(slog.NewTextHandler(&logs, nil))}
+	r.write(appConfig(a))
+	r.start() // fails the test if Start does
+
+	r.await("l", "A")
+	if !strings.Contains(logs.String(), "stored route override cannot be applied") || !strings.Contains(logs.String(), "sni=x.test") {
+		t.Errorf("no error line naming the override:\n%s", logs.String())
+	}
+	orphans := r.m.Effective().Orphans
+	if len(orphans) != 1 || orphans[0].SNI != "x.test" || !strings.Contains(orphans[0].Reason, "tls_cert") {
+		t.Fatalf("orphans = %+v, want the x.test override with its reason", orphans)
+	}
+	if o, err := st.Load(ctx); err != nil || len(o.Routes) != 1 {
+		t.Fatalf("stored overrides: %+v, %v; want the override kept", o, err)
+	}
+
+	block := state.FirewallOverride{Value: "192.0.2.1/32"}
+	err = r.m.Mutate(ctx, func(o *state.Overrides) error { o.SetFirewall(block); return nil },
+		func(ctx context.Context, s *state.Store) error { return s.PutFirewall(ctx, block) })
+	if err == nil || !strings.Contains(err.Error(), `override(sni="x.test")`) {
+		t.Fatalf("a mutation with the broken override stored: %v; want an error naming it", err)
+	}
+	err = r.m.Mutate(ctx, func(o *state.Overrides) error { o.RemoveRoute("l", "x.test"); return nil },
+		func(ctx context.Context, s *state.Store) error { return s.ClearRoute(ctx, "l", "x.test") })
+	if err != nil {
+		t.Fatalf("clearing the override: %v", err)
+	}
+	if n := len(r.m.Effective().Orphans); n != 0 {
+		t.Fatalf("%d orphans after clearing", n)
+	}
+}
