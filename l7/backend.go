@@ -262,7 +262,11 @@ func (s *staleCheck) gotConn(info httptrace.GotConnInfo) {
 	c, _ := info.Conn.(*countingConn)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.conn = c
+	// A new connection is a new attempt: the transport retries a
+	// request it could not write on a connection firstByte closed, and
+	// the response it returns then is the new connection's, to be
+	// judged on its own.
+	s.conn, s.stale = c, false
 	if c != nil {
 		s.reads = c.reads.Load()
 	}
