@@ -65,6 +65,7 @@ type Manager struct {
 
 	mu        sync.Mutex
 	file      *config.Config   // the last file config that compiled
+	started   *config.Config   // the file config of the start, whose [admin], [metrics] and [state] the daemon runs on
 	fileHash  string           // file.Hash(), computed once
 	overrides *state.Overrides // as stored
 	eff       *Effective
@@ -105,7 +106,7 @@ func (m *Manager) Start(ctx context.Context) error {
 	if err := m.publishAtStart(cfg, o); err != nil {
 		return err
 	}
-	m.file, m.fileHash = cfg, cfg.Hash()
+	m.file, m.fileHash, m.started = cfg, cfg.Hash(), cfg
 	m.record("startup", "success", nil)
 	if m.opts.Store != nil {
 		if h, err := m.opts.Store.FileHash(ctx); err == nil && h == "" {
@@ -201,17 +202,19 @@ func (m *Manager) reloadLocked(trigger string, skipUnchanged bool) error {
 		m.record(trigger, "failure", err)
 		return err
 	}
-	m.warnStartOnly(m.file, cfg)
+	m.warnStartOnly(cfg)
 	m.file, m.fileHash = cfg, hash
 	m.record(trigger, "success", nil)
 	return nil
 }
 
-// warnStartOnly says which changed sections of the file wait for a
-// restart: [admin], [metrics] and [state] are read once, at start, and
-// a reload that applies the rest would otherwise look as if it had
-// applied them too.
-func (m *Manager) warnStartOnly(prev, next *config.Config) {
+// warnStartOnly says which sections of the file differ from what the
+// daemon started with and so wait for a restart: [admin], [metrics] and
+// [state] are read once, at start, and a reload that applies the rest
+// would otherwise look as if it had applied them too. Every reload that
+// still differs says so again.
+func (m *Manager) warnStartOnly(next *config.Config) {
+	prev := m.started
 	if prev == nil {
 		return
 	}

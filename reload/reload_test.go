@@ -645,9 +645,10 @@ func TestSpecialFileFailsReload(t *testing.T) {
 	r.await("l", "B")
 }
 
-// TestStartOnlySectionsWarn: a reload that changes [admin], [metrics] or
-// [state] applies the rest of the file and says that those sections wait
-// for a restart; a reload that leaves them alone says nothing of them.
+// TestStartOnlySectionsWarn: a reload whose [admin], [metrics] or
+// [state] differ from what the daemon started with applies the rest of
+// the file and says that those sections wait for a restart, at every
+// such reload; once they are back to the start's, it says nothing.
 func TestStartOnlySectionsWarn(t *testing.T) {
 	a, b := testnet.NamedBackend(t, "A"), testnet.NamedBackend(t, "B")
 	metrics := func(port int) string { return fmt.Sprintf("[metrics]\nlisten = \"127.0.0.1:%d\"\n", port) }
@@ -672,8 +673,13 @@ func TestStartOnlySectionsWarn(t *testing.T) {
 
 	r.write(metrics(9102) + appConfig(a))
 	r.await("l", "A")
-	if n := strings.Count(logs.String(), "takes effect at the next restart"); n != 1 {
-		t.Fatalf("%d warnings after a reload that left [metrics] alone, want the first one only:\n%s", n, logs.String())
+	if n := strings.Count(logs.String(), "takes effect at the next restart"); n != 2 {
+		t.Fatalf("%d warnings after a second reload still off the start's [metrics], want 2:\n%s", n, logs.String())
+	}
+	r.write(metrics(9101) + appConfig(b))
+	r.await("l", "B")
+	if n := strings.Count(logs.String(), "takes effect at the next restart"); n != 2 {
+		t.Fatalf("%d warnings after [metrics] went back to the start's, want still 2:\n%s", n, logs.String())
 	}
 }
 
