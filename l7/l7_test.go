@@ -904,55 +904,28 @@ func TestHTTP1BackendOverlongResponse(t *testing.T) {
 	checkLeaks(t)
 	pki := newTestPKI(t)
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]struct{}{}
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	wg.Go(func() {
+	backend := testnet.Backend(t, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		br := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
+			req, err := http.ReadRequest(br)
 			if err != nil {
 				return
 			}
-			mu.Lock()
-			conns[c] = struct{}{}
-			mu.Unlock()
-			wg.Go(func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					var resp string
-					if req.URL.Path == "/long" {
-						resp = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi" +
-							"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
-					} else {
-						resp = fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(req.URL.Path), req.URL.Path)
-					}
-					if _, err := io.WriteString(c, resp); err != nil {
-						return
-					}
-				}
-			})
+			var resp string
+			if req.URL.Path == "/long" {
+				resp = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi" +
+					"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
+			} else {
+				resp = fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(req.URL.Path), req.URL.Path)
+			}
+			if _, err := io.WriteString(c, resp); err != nil {
+				return
+			}
 		}
 	})
 
-	h := newTestHandler(t, pki, Options{Backend: ln.Addr().String(), Protocol: "http1"})
+	h := newTestHandler(t, pki, Options{Backend: backend, Protocol: "http1"})
 	addr := startProxy(t, h, false).addr
 	c, _ := newClient(t, pki, addr, false, "")
 	c.Transport.(*http.Transport).MaxIdleConnsPerHost = 64
