@@ -3050,6 +3050,20 @@ func heldUntilCancelled(cancelled chan<- string) http.Handler {
 	})
 }
 
+// servesAfterStreamError checks that the connection still serves a
+// request, on stream id, after the stream errors a test provoked: a
+// stream error must not end the connection.
+func servesAfterStreamError(t *testing.T, p *h2Peer, id uint32) {
+	t.Helper()
+	p.get(id, "/after")
+	if s := p.response(id); s.status() != "200" || s.body.String() != "ok" {
+		t.Fatalf("after: %s %q; frames: %s", s.status(), s.body.String(), p.history())
+	}
+	if p.goAway != nil {
+		t.Errorf("GOAWAY %+v; a stream error must not end the connection", p.goAway)
+	}
+}
+
 // DATA on a stream whose request has ended (half-closed remote) is a
 // stream error of type STREAM_CLOSED (RFC 9113, 5.1 and 6.1): the client
 // is told its request was not taken whole, and the backend's stream is
@@ -3074,13 +3088,7 @@ func TestRelayDataAfterRequestEnd(t *testing.T) {
 	if got := recv(t, cancelled, "the backend's request to be cancelled"); got != "late-data" {
 		t.Errorf("cancelled %q", got)
 	}
-	p.get(3, "/after")
-	if s := p.response(3); s.status() != "200" || s.body.String() != "ok" {
-		t.Fatalf("after: %s %q; frames: %s", s.status(), s.body.String(), p.history())
-	}
-	if p.goAway != nil {
-		t.Errorf("GOAWAY %+v; a stream error must not end the connection", p.goAway)
-	}
+	servesAfterStreamError(t, p, 3)
 }
 
 // RST_STREAM and WINDOW_UPDATE on a stream the client has not opened
@@ -3170,13 +3178,7 @@ func TestRelaySelfDependentStream(t *testing.T) {
 		t.Errorf("self-dependent PRIORITY: backend errors = %v: the client's malformed frame was counted against the backend", n)
 	}
 
-	p.get(7, "/after")
-	if s := p.response(7); s.status() != "200" || s.body.String() != "ok" {
-		t.Fatalf("after: %s %q; frames: %s", s.status(), s.body.String(), p.history())
-	}
-	if p.goAway != nil {
-		t.Errorf("GOAWAY %+v; a stream error must not end the connection", p.goAway)
-	}
+	servesAfterStreamError(t, p, 7)
 }
 
 // A request on a stream ID not above every one before it (one already
