@@ -84,10 +84,6 @@ func (ca *CA) Leaf(t testing.TB, names ...string) Leaf {
 // that have expired or are not valid yet.
 func (ca *CA) LeafValid(t testing.TB, notBefore, notAfter time.Time, names ...string) Leaf {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(t),
 		Subject:      pkix.Name{CommonName: names[0]},
@@ -103,22 +99,18 @@ func (ca *CA) LeafValid(t testing.TB, notBefore, notAfter time.Time, names ...st
 			tmpl.DNSNames = append(tmpl.DNSNames, n)
 		}
 	}
-	return ca.issue(t, key, tmpl)
+	return ca.issue(t, tmpl)
 }
 
 // LeafURI issues a client certificate with an empty subject that names
 // its holder only by a URI subject alternative name (as SPIFFE does).
 func (ca *CA) LeafURI(t testing.TB, uri string) Leaf {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
 	u, err := url.Parse(uri)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return ca.issue(t, key, &x509.Certificate{
+	return ca.issue(t, &x509.Certificate{
 		SerialNumber: serial(t),
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().Add(24 * time.Hour),
@@ -128,8 +120,13 @@ func (ca *CA) LeafURI(t testing.TB, uri string) Leaf {
 	})
 }
 
-func (ca *CA) issue(t testing.TB, key *ecdsa.PrivateKey, tmpl *x509.Certificate) Leaf {
+// issue signs tmpl for a fresh key and writes both to a temp dir.
+func (ca *CA) issue(t testing.TB, tmpl *x509.Certificate) Leaf {
 	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
 	if err != nil {
 		t.Fatal(err)
