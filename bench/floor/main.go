@@ -13,8 +13,8 @@
 //     blocking reads through the runtime's network poller (the model
 //     portcullis uses);
 //   - epoll: one event loop per GOMAXPROCS, each with its own
-//     SO_REUSEPORT listener and epoll instance, non-blocking raw system
-//     calls, no goroutine per connection. The loop waits by parking its
+//     SO_REUSEPORT listener and epoll instance, every system call on a
+//     connection raw and non-blocking, no goroutine per connection. The loop waits by parking its
 //     epoll descriptor in the runtime's poller, so it never blocks a
 //     thread in a system call.
 //
