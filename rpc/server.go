@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -193,11 +194,10 @@ func (s *Server) ListFirewallRules(ctx context.Context, _ *adminpb.ListFirewallR
 }
 
 func (s *Server) AddFirewallRule(ctx context.Context, req *adminpb.AddFirewallRuleRequest) (*adminpb.AddFirewallRuleResponse, error) {
-	p, err := config.ParsePrefix(req.Value)
+	v, err := firewallValue(req.Value)
 	if err != nil {
-		return nil, invalid("value", err)
+		return nil, err
 	}
-	v := p.String()
 	f := state.FirewallOverride{Value: v, Actor: actor(ctx), UpdatedAt: time.Now().UTC()}
 	err = s.o.Manager.Mutate(ctx,
 		func(o *state.Overrides) error { o.SetFirewall(f); return nil },
@@ -211,11 +211,10 @@ func (s *Server) AddFirewallRule(ctx context.Context, req *adminpb.AddFirewallRu
 }
 
 func (s *Server) RemoveFirewallRule(ctx context.Context, req *adminpb.RemoveFirewallRuleRequest) (*adminpb.RemoveFirewallRuleResponse, error) {
-	p, err := config.ParsePrefix(req.Value)
+	v, err := firewallValue(req.Value)
 	if err != nil {
-		return nil, invalid("value", err)
+		return nil, err
 	}
-	v := p.String()
 	origin, ok := s.o.Manager.Effective().FirewallOrigins[v]
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "no firewall rule %q", v)
@@ -317,11 +316,10 @@ func (s *Server) ClearOverride(ctx context.Context, req *adminpb.ClearOverrideRe
 		}
 		write = func(ctx context.Context, st *state.Store) error { return st.ClearRoute(ctx, req.Listener, sni) }
 	case "firewall":
-		p, err := config.ParsePrefix(req.Value)
+		v, err := firewallValue(req.Value)
 		if err != nil {
-			return nil, invalid("value", err)
+			return nil, err
 		}
-		v := p.String()
 		change = func(o *state.Overrides) error {
 			if !o.RemoveFirewall(v) {
 				return status.Errorf(codes.NotFound, "no firewall override for %q", v)
@@ -460,6 +458,20 @@ func invalid(field string, err error) error {
 	return st.Err()
 }
 
+// firewallValue is a blocklist entry as the admin API takes it: what the
+// file takes (config.ParsePrefix, and no zone, which ParsePrefix would
+// silently drop, blocking the address on every interface), normalised.
+func firewallValue(v string) (string, error) {
+	p, err := config.ParsePrefix(v)
+	if err != nil {
+		return "", invalid("value", err)
+	}
+	if strings.Contains(v, "%") {
+		return "", invalid("value", fmt.Errorf("%q has a zone; block entries are addresses or CIDRs without one", v))
+	}
+	return p.String(), nil
+}
+
 func normalized(v string) string {
 	if p, err := config.ParsePrefix(v); err == nil {
 		return p.String()
@@ -503,6 +515,11 @@ func routeFromPB(p *adminpb.Route) (config.Route, error) {
 	if p.ResponseTimeout != "" {
 		if err := r.ResponseTimeout.UnmarshalText([]byte(p.ResponseTimeout)); err != nil {
 			return r, invalid("route.response_timeout", err)
+		}
+		if r.ResponseTimeout == 0 {
+			// As in the file: a zero would read as the field left out
+			// and silently become the default.
+			return r, invalid("route.response_timeout", fmt.Errorf("%q: must be more than zero; leave it out for the default", p.ResponseTimeout))
 		}
 	}
 	if err := config.CheckBackendHost(p.Backend); err != nil {

@@ -778,10 +778,22 @@ func TestErrorCodes(t *testing.T) {
 		{"bad response_timeout", func() error {
 			return route(&adminpb.Route{Listener: "public", Sni: "x.test", Backend: be, Mode: "l7", TlsCert: "a", TlsKey: "b", ResponseTimeout: "soon"})
 		}, codes.InvalidArgument, "route.response_timeout"},
+		// The file refuses a zero duration (it would read as the key
+		// left out); so does the API, rather than serve the default.
+		{"zero response_timeout", func() error {
+			return route(&adminpb.Route{Listener: "public", Sni: "x.test", Backend: be, Mode: "l7", TlsCert: "a", TlsKey: "b", ResponseTimeout: "0s"})
+		}, codes.InvalidArgument, "route.response_timeout"},
+		{"zero response_timeout on l4", func() error {
+			return route(&adminpb.Route{Listener: "public", Sni: "x.test", Backend: be, ResponseTimeout: "0s"})
+		}, codes.InvalidArgument, "route.response_timeout"},
 		{"no route", func() error { return route(nil) }, codes.InvalidArgument, "route"},
 		{"no listener", func() error { return route(&adminpb.Route{Sni: "x.test", Backend: be}) }, codes.InvalidArgument, "listener"},
 		{"bad cidr", func() error { _, err := h.cli.AddFirewallRule(ctx, "10.0.0.0/33"); return err }, codes.InvalidArgument, "value"},
 		{"cidr with host bits", func() error { _, err := h.cli.AddFirewallRule(ctx, "10.0.0.1/8"); return err }, codes.InvalidArgument, "value"},
+		// The file refuses a zoned entry; parsing alone would drop the
+		// zone and block the address on every interface.
+		{"zoned address", func() error { _, err := h.cli.AddFirewallRule(ctx, "fe80::1%eth0"); return err }, codes.InvalidArgument, "value"},
+		{"zoned cidr", func() error { _, err := h.cli.AddFirewallRule(ctx, "fe80::1%eth0/128"); return err }, codes.InvalidArgument, "value"},
 		{"remove bad cidr", func() error { return h.cli.RemoveFirewallRule(ctx, "nonsense") }, codes.InvalidArgument, "value"},
 		{"negative max_connections", func() error { return h.cli.SetMaxConnections(ctx, "public", -1) }, codes.InvalidArgument, "max_connections"},
 		{"huge max_connections", func() error { return h.cli.SetMaxConnections(ctx, "public", 1<<40) }, codes.InvalidArgument, "max_connections"},
