@@ -28,6 +28,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	_ "github.com/mattn/go-sqlite3" // registers the "sqlite3" driver
@@ -142,9 +143,17 @@ func open(path string, readOnly bool) (*Store, error) {
 		// user could read the overrides. Create the file 0600 first, as
 		// the admin socket and backup copies are: SQLite takes an empty
 		// file for a new database. An existing file keeps its mode, and
-		// a path that cannot be created is left for SQLite to report.
-		if f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600); err == nil {
+		// a path that cannot be created is left for SQLite to report,
+		// except when permission is what is missing: SQLite then retries
+		// read-only and reports that attempt's "no such file or
+		// directory", which sends the operator looking for a directory
+		// that is there.
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		switch {
+		case err == nil:
 			f.Close()
+		case errors.Is(err, os.ErrPermission) || errors.Is(err, syscall.EROFS):
+			return nil, fmt.Errorf("state: %w", err)
 		}
 	}
 	w, err := openDB(path, "_txlock=immediate", readOnly)

@@ -254,6 +254,38 @@ func TestOpenBadPath(t *testing.T) {
 	}
 }
 
+// TestOpenUnwritableDirectory: a database that cannot be created for
+// want of permission (a service user's state directory owned by root)
+// says so, not "no such file or directory", which is what SQLite
+// reports after retrying read-only. chmod does not bite for root, so
+// as root the test uses /sys, where no one may create files.
+func TestOpenUnwritableDirectory(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o500); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Chmod(dir, 0o700) })
+	if os.Geteuid() == 0 {
+		dir = "/sys"
+	}
+	path := filepath.Join(dir, "portcullis-state-test.db")
+	if f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600); err == nil {
+		f.Close()
+		os.Remove(path)
+		t.Skipf("%s is writable here", dir)
+	} else if !errors.Is(err, os.ErrPermission) {
+		t.Skipf("creating in %s: %v, not a permission error", dir, err)
+	}
+	s, err := Open(path)
+	if err == nil {
+		s.Close()
+		t.Fatal("Open succeeded")
+	}
+	if !strings.HasPrefix(err.Error(), "state: ") || !strings.Contains(err.Error(), path) || !errors.Is(err, os.ErrPermission) {
+		t.Errorf("Open = %q, want a \"state: \" permission error naming %s", err, path)
+	}
+}
+
 // TestOpenCreatesPrivateFiles: a new database, and the -wal and -shm
 // files SQLite gives the database's mode, are readable by their owner
 // only, like the admin socket and the backup copies: overrides are
