@@ -96,6 +96,7 @@ func TestErrorsNameFileLineKey(t *testing.T) {
 		{"host bits", "[firewall]\nblock = [\"10.0.0.1/8\"]\n", "p.toml:2: firewall.block[0]: \"10.0.0.1/8\" has host bits set (did you mean \"10.0.0.0/8\"?)"},
 		{"countries without geoip", "[firewall]\nblock_countries = [\"KP\"]\n", "p.toml:2: firewall.block_countries: needs [geoip] database"},
 		{"bad country", "[geoip]\ndatabase = \"x.mmdb\"\n[firewall]\nblock_countries = [\"KPX\"]\n", "p.toml:4: firewall.block_countries[0]"},
+		{"admin certificate without listen", "[admin]\ntls_cert = \"c\"\ntls_key = \"k\"\n", "p.toml:2: admin.tls_cert: tls_cert and tls_key need admin.listen"},
 		{"plaintext admin", "[admin]\nlisten = \"127.0.0.1:7443\"\n", "p.toml:2: admin.listen: a TCP admin listener requires tls_cert and tls_key"},
 		{"l7 without cert", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"b:1\"\nmode = \"l7\"\n", "listener[0].route[0].tls_cert: required"},
 		{"l4 with l7 key", base + "[[listener.route]]\nsni = \"x.test\"\nbackend = \"b:1\"\nbackend_protocol = \"h2\"\n", "p.toml:7: listener[0].route[0].backend_protocol: only applies"},

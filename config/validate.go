@@ -117,6 +117,12 @@ func (v *validator) top() {
 	if p := c.Resolve(a.UnixSocket); len(p) > maxUnixSocketPath {
 		v.errf("admin.unix_socket", "%q is %d bytes long; a Unix socket path can have at most %d", p, len(p), maxUnixSocketPath)
 	}
+	if a.TLSCert != "" && a.TLSKey != "" && a.Listen == "" {
+		// They are the TCP listener's certificate; without one they
+		// would be neither loaded nor used, and check would pass a
+		// file that has no TCP admin API.
+		v.errf("admin.tls_cert", "tls_cert and tls_key need admin.listen")
+	}
 	if a.ClientCA != "" && a.Listen == "" {
 		v.errf("admin.client_ca", "client_ca needs admin.listen")
 	}
