@@ -61,9 +61,24 @@ func ctlCmd(args []string, stdout, stderr io.Writer) int {
 	out := fs.String("o", "table", "output: table or json")
 	timeout := fs.Duration("timeout", 30*time.Second, "call timeout")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0 // asked for: the usage is the answer, as for `portcullis -h`
+		}
 		return 2
 	}
-	if fs.NArg() == 0 || (*out != "table" && *out != "json") {
+	if *out != "table" && *out != "json" {
+		fmt.Fprintf(stderr, "portcullis ctl: -o %q: want table or json\n", *out)
+		fs.Usage()
+		return 2
+	}
+	if fs.NArg() == 0 {
+		fs.Usage()
+		return 2
+	}
+	if (do.CertFile == "") != (do.KeyFile == "") {
+		// Loading the pair would fail on the empty name alone, as
+		// "open : no such file or directory".
+		fmt.Fprintln(stderr, "portcullis ctl: -tls-cert and -tls-key go together")
 		fs.Usage()
 		return 2
 	}
@@ -88,7 +103,10 @@ func ctlCmd(args []string, stdout, stderr io.Writer) int {
 			// A server that wants a client certificate ends the TLS
 			// connection, and what reaches the client is a broken pipe
 			// or a reset that names no certificate.
-			if st.Code() == codes.Unavailable && !strings.HasPrefix(*admin, "unix:") && do.CertFile == "" {
+			// A dial that failed, or a server certificate that did not
+			// verify, never got as far as the server asking for one.
+			if st.Code() == codes.Unavailable && !strings.HasPrefix(*admin, "unix:") && do.CertFile == "" &&
+				!strings.Contains(st.Message(), "Error while dialing") && !strings.Contains(st.Message(), "failed to verify certificate") {
 				fmt.Fprintln(stderr, "portcullis ctl: an admin server with client_ca set refuses clients without -tls-cert and -tls-key")
 			}
 		} else {
@@ -251,8 +269,8 @@ func ctl(ctx context.Context, c *rpc.Client, p *printer, args []string) error {
 		fmt.Fprintf(p.w, "reloaded: config hash %s\n", short(r.ConfigHash))
 		return nil
 	case "snapshot":
-		if err := need(1, "snapshot FILE"); err != nil {
-			return err
+		if err := need(1, "snapshot FILE"); err != nil || rest[0] == "" {
+			return usageError("usage: snapshot FILE")
 		}
 		return snapshotTo(ctx, c, p, rest[0])
 	}
@@ -265,6 +283,11 @@ func ctl(ctx context.Context, c *rpc.Client, p *printer, args []string) error {
 // that someone else could create first, as a symlink say, would have the
 // database written wherever they chose.
 func snapshotTo(ctx context.Context, c *rpc.Client, p *printer, path string) error {
+	// Renamed over a directory, the copy would fail only once streamed,
+	// as "rename FILE.partial-N DIR: file exists".
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		return fmt.Errorf("snapshot: %s is a directory; name the file to write", path)
+	}
 	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".partial-*")
 	if err != nil {
 		return err

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -381,5 +382,79 @@ func TestCtlNamesMissingClientCertificate(t *testing.T) {
 	code, stdout, stderr := runCmd("ctl", "-admin", adminAddr, "-tls-ca", serverCA.CertFile, "-tls-cert", ops.CertFile, "-tls-key", ops.KeyFile, "status")
 	if code != 0 || strings.Contains(stderr, hint) {
 		t.Fatalf("ctl with a client certificate: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+}
+
+// TestCtlClientCertificateHintOnlyAfterTLS: the hint about client_ca is
+// for a server that ended the handshake for want of a client
+// certificate. A refused dial or a server certificate that does not
+// verify never reached that point, and the hint would send the operator
+// after client certificates instead of the address or -tls-ca.
+func TestCtlClientCertificateHintOnlyAfterTLS(t *testing.T) {
+	serverCA, clientCA := testpki.NewCA(t), testpki.NewCA(t)
+	server := serverCA.Leaf(t, "127.0.0.1")
+	adminAddr := freeAddr(t)
+	env := newEnv(t)
+	env.admin = fmt.Sprintf("listen = %q\ntls_cert = %q\ntls_key = %q\nclient_ca = %q\n", adminAddr, server.CertFile, server.KeyFile, clientCA.CertFile)
+	env.writeConfig(t, "5s", l4Listener(freeAddr(t), "app.test", testnet.NamedBackend(t, "app")))
+	env.start(t)
+
+	const hint = "refuses clients without -tls-cert and -tls-key"
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"server certificate not verified", []string{"-admin", adminAddr}, "certificate signed by unknown authority"},
+		{"nothing listening", []string{"-admin", freeAddr(t), "-tls-ca", serverCA.CertFile}, "connection refused"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, stderr := runCmd(append(append([]string{"ctl"}, tc.args...), "status")...)
+			if code != 1 || !strings.Contains(stderr, tc.want) || strings.Contains(stderr, hint) {
+				t.Fatalf("exit %d, want 1 with %q and without the client_ca hint; stderr:\n%s", code, tc.want, stderr)
+			}
+		})
+	}
+}
+
+// TestCtlFlagMistakes: an admin socket named without "unix:", a client
+// certificate without its key, an unknown -o and a snapshot into a
+// directory are refused with what is wrong, not with what grpc, crypto/tls
+// or rename(2) make of them ("produced zero addresses", "open : no such
+// file or directory", "file exists") or with the usage alone.
+func TestCtlFlagMistakes(t *testing.T) {
+	env := newEnv(t)
+	env.writeConfig(t, "5s", l4Listener(freeAddr(t), "app.test", testnet.NamedBackend(t, "app")))
+	env.start(t)
+	ca := testpki.NewCA(t)
+	ops := ca.Leaf(t, "ops.example")
+
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		wantCode int
+		want     string
+	}{
+		{"socket without unix:", []string{"-admin", env.sock}, 1, "is not unix:PATH or HOST:PORT"},
+		{"certificate without key", []string{"-admin", freeAddr(t), "-tls-ca", ca.CertFile, "-tls-cert", ops.CertFile}, 2, "-tls-cert and -tls-key go together"},
+		{"key without certificate", []string{"-admin", freeAddr(t), "-tls-ca", ca.CertFile, "-tls-key", ops.KeyFile}, 2, "-tls-cert and -tls-key go together"},
+		{"unknown output format", []string{"-admin", "unix:" + env.sock, "-o", "yaml"}, 2, `-o "yaml": want table or json`},
+		{"snapshot to an empty name", []string{"-admin", "unix:" + env.sock, "snapshot", ""}, 2, "usage: snapshot FILE"},
+		{"snapshot into a directory", []string{"-admin", "unix:" + env.sock, "snapshot", env.dir}, 1, env.dir + " is a directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := tc.args
+			if !slices.Contains(args, "snapshot") {
+				args = append(args, "status")
+			}
+			code, _, stderr := runCmd(append([]string{"ctl"}, args...)...)
+			if code != tc.wantCode || !strings.Contains(stderr, tc.want) {
+				t.Fatalf("exit %d, want %d with %q; stderr:\n%s", code, tc.wantCode, tc.want, stderr)
+			}
+		})
+	}
+	// The same socket with the prefix works.
+	if code, _, stderr := runCmd("ctl", "-admin", "unix:"+env.sock, "status"); code != 0 {
+		t.Fatalf("ctl -admin unix:%s status: exit %d\n%s", env.sock, code, stderr)
 	}
 }

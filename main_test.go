@@ -91,6 +91,24 @@ func TestUsageErrors(t *testing.T) {
 	}
 }
 
+// TestSubcommandHelp: -h asks for the usage, as `portcullis -h` does, so
+// it succeeds; a script or a packager's smoke test reads exit 2 as a
+// broken binary.
+func TestSubcommandHelp(t *testing.T) {
+	for _, tc := range []struct{ cmd, want string }{
+		{"serve", "-log-format"},
+		{"check", "-config"},
+		{"ctl", "snapshot FILE"},
+	} {
+		t.Run(tc.cmd, func(t *testing.T) {
+			code, _, stderr := runCmd(tc.cmd, "-h")
+			if code != 0 || !strings.Contains(stderr, tc.want) {
+				t.Fatalf("%s -h: exit %d, stderr %q; want 0 and %q", tc.cmd, code, stderr, tc.want)
+			}
+		})
+	}
+}
+
 var handedOut = struct {
 	sync.Mutex
 	ports map[int]bool

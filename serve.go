@@ -34,6 +34,9 @@ func serveCmd(args []string, stderr io.Writer) int {
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	pprof := fs.Bool("pprof", false, "also serve /debug/pprof/ on the metrics listener")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0 // asked for: the usage is the answer, as for `portcullis -h`
+		}
 		return 2
 	}
 	if fs.NArg() > 0 {

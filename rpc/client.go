@@ -54,6 +54,12 @@ func Dial(target string, o DialOptions) (*Client, error) {
 			return d.DialContext(ctx, "unix", path)
 		}))
 	} else {
+		// grpc takes any other target as a name to resolve: a socket
+		// path written without "unix:" would fail only at the first
+		// call, as "name resolver error: produced zero addresses".
+		if _, _, err := net.SplitHostPort(target); err != nil {
+			return nil, fmt.Errorf("rpc: %q is not unix:PATH or HOST:PORT (a Unix socket needs the unix: prefix)", target)
+		}
 		tc := &tls.Config{ServerName: o.ServerName, MinVersion: tls.VersionTLS12}
 		if o.CAFile != "" {
 			pem, err := os.ReadFile(o.CAFile)
