@@ -47,67 +47,132 @@ type Hello struct {
 // caller can pool buffers. Errors that are not the reader's own (a
 // timeout, say) wrap ErrNotClientHello.
 func Read(r io.Reader, buf []byte) (Hello, error) {
-	raw := buf[:0]
-	var msg []byte // handshake bytes collected from the record payloads
+	p := NewParser(buf)
 	for {
-		start := len(raw)
-		raw = grow(raw, recordHeaderLen)
-		if _, err := io.ReadFull(r, raw[start:start+recordHeaderLen]); err != nil {
-			return Hello{Raw: raw[:start]}, readErr(err, start)
-		}
-		hdr := raw[start : start+recordHeaderLen]
-		if hdr[0] != 0x16 {
-			if start == 0 && (string(hdr) == "PROXY" || string(hdr) == "\r\n\r\n\x00") {
-				// The v1 line and the v2 signature begin so: a sender
-				// that speaks the PROXY protocol to a listener not set
-				// to read it, which the record type alone would hide.
-				return Hello{}, fmt.Errorf("%w: a PROXY protocol header where a ClientHello was expected", ErrNotClientHello)
-			}
-			return Hello{}, fmt.Errorf("%w: record type %#x", ErrNotClientHello, hdr[0])
-		}
-		if hdr[1] != 3 {
-			return Hello{}, fmt.Errorf("%w: record version %#x%02x", ErrNotClientHello, hdr[1], hdr[2])
-		}
-		n := int(binary.BigEndian.Uint16(hdr[3:5]))
-		if n == 0 || n > maxRecordLen {
-			return Hello{}, fmt.Errorf("%w: record length %d", ErrNotClientHello, n)
-		}
-		if len(raw)+n > maxHelloMsgLen+8*recordHeaderLen {
-			return Hello{}, fmt.Errorf("%w: larger than %d bytes", ErrNotClientHello, maxHelloMsgLen)
-		}
-		body := start + recordHeaderLen
-		raw = grow(raw, n)
-		if _, err := io.ReadFull(r, raw[body:body+n]); err != nil {
-			return Hello{}, readErr(err, 1)
-		}
-		if msg == nil {
-			// The common case, one record: alias it. The full slice
-			// expression caps it so a later append copies instead of
-			// writing into raw.
-			msg = raw[body : body+n : body+n]
-		} else {
-			msg = append(msg, raw[body:body+n]...)
-		}
-
-		if len(msg) < 4 {
-			continue
-		}
-		if msg[0] != 1 { // HandshakeType client_hello
-			return Hello{}, fmt.Errorf("%w: handshake type %d", ErrNotClientHello, msg[0])
-		}
-		want := 4 + (int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3]))
-		if want-4 > maxHelloMsgLen {
-			return Hello{}, fmt.Errorf("%w: message length %d", ErrNotClientHello, want-4)
-		}
-		if len(msg) < want {
-			continue
-		}
-		sni, err := parseServerName(msg[4:want])
+		want := p.Want()
+		n, err := io.ReadFull(r, want)
 		if err != nil {
-			return Hello{}, err
+			p.Add(n)
+			return Hello{Raw: p.raw[:p.recordStart]}, readErr(err, p.Len() > 0)
 		}
-		return Hello{Raw: raw, ServerName: sni}, nil
+		h, done, err := p.Add(n)
+		if err != nil || done {
+			return h, err
+		}
 	}
+}
+
+// Parser assembles a ClientHello from bytes read as it asks: Want is
+// where the next bytes go (the rest of a record header, or of a
+// record), and Add says how many arrived there. Reading no more than
+// Want, a caller never reads past the ClientHello, and one that reads
+// from a non-blocking socket can stop whenever it would block and go on
+// later. Read is a loop of the two.
+type Parser struct {
+	raw         []byte
+	msg         []byte // handshake bytes collected from the record payloads
+	recordStart int    // where the record being read begins in raw
+	need        int    // how long raw must be to end the current step
+}
+
+// NewParser starts a ClientHello in buf (grown if needed).
+func NewParser(buf []byte) Parser {
+	return Parser{raw: buf[:0], need: recordHeaderLen}
+}
+
+// Len is how many bytes have arrived.
+func (p *Parser) Len() int { return len(p.raw) }
+
+// Want returns the buffer the next bytes should be read into: never
+// empty, and never longer than what the current record still needs.
+func (p *Parser) Want() []byte {
+	have := len(p.raw)
+	p.raw = grow(p.raw, p.need-have)
+	want := p.raw[have:p.need]
+	p.raw = p.raw[:have]
+	return want
+}
+
+// Add takes n bytes read into Want's buffer. It reports done with the
+// Hello once the message is complete, or the error that makes the
+// input no ClientHello; otherwise more is wanted.
+func (p *Parser) Add(n int) (Hello, bool, error) {
+	p.raw = p.raw[:len(p.raw)+n]
+	if len(p.raw) < p.need {
+		return Hello{}, false, nil
+	}
+	start := p.recordStart
+	if p.need == start+recordHeaderLen {
+		n, err := checkHeader(p.raw[start:], start)
+		if err != nil {
+			return Hello{}, false, err
+		}
+		if len(p.raw)+n > maxHelloMsgLen+8*recordHeaderLen {
+			return Hello{}, false, fmt.Errorf("%w: larger than %d bytes", ErrNotClientHello, maxHelloMsgLen)
+		}
+		p.need += n
+		return Hello{}, false, nil
+	}
+	body := p.raw[start+recordHeaderLen : p.need]
+	p.recordStart, p.need = p.need, p.need+recordHeaderLen
+	if p.msg == nil {
+		// The common case, one record: alias it. The full slice
+		// expression caps it so a later append copies instead of
+		// writing into raw.
+		p.msg = body[:len(body):len(body)]
+	} else {
+		p.msg = append(p.msg, body...)
+	}
+	msg := p.msg
+	if len(msg) < 4 {
+		return Hello{}, false, nil
+	}
+	if msg[0] != 1 { // HandshakeType client_hello
+		return Hello{}, false, fmt.Errorf("%w: handshake type %d", ErrNotClientHello, msg[0])
+	}
+	want := 4 + (int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3]))
+	if want-4 > maxHelloMsgLen {
+		return Hello{}, false, fmt.Errorf("%w: message length %d", ErrNotClientHello, want-4)
+	}
+	if len(msg) < want {
+		return Hello{}, false, nil
+	}
+	sni, err := parseServerName(msg[4:want])
+	if err != nil {
+		return Hello{}, false, err
+	}
+	return Hello{Raw: p.raw, ServerName: sni}, true, nil
+}
+
+// EOF is the error for a client that closed its side before the
+// ClientHello was complete: what Read returns when its reader hits EOF.
+func (p *Parser) EOF() error {
+	if len(p.raw) == 0 {
+		return readErr(io.EOF, false)
+	}
+	return readErr(io.ErrUnexpectedEOF, true)
+}
+
+// checkHeader checks a record header and returns the record's length.
+// start is where the record begins among the bytes read.
+func checkHeader(hdr []byte, start int) (int, error) {
+	if hdr[0] != 0x16 {
+		if start == 0 && (string(hdr[:5]) == "PROXY" || string(hdr[:5]) == "\r\n\r\n\x00") {
+			// The v1 line and the v2 signature begin so: a sender
+			// that speaks the PROXY protocol to a listener not set
+			// to read it, which the record type alone would hide.
+			return 0, fmt.Errorf("%w: a PROXY protocol header where a ClientHello was expected", ErrNotClientHello)
+		}
+		return 0, fmt.Errorf("%w: record type %#x", ErrNotClientHello, hdr[0])
+	}
+	if hdr[1] != 3 {
+		return 0, fmt.Errorf("%w: record version %#x%02x", ErrNotClientHello, hdr[1], hdr[2])
+	}
+	n := int(binary.BigEndian.Uint16(hdr[3:5]))
+	if n == 0 || n > maxRecordLen {
+		return 0, fmt.Errorf("%w: record length %d", ErrNotClientHello, n)
+	}
+	return n, nil
 }
 
 // grow extends b by n bytes, reallocating if needed.
@@ -122,12 +187,13 @@ func grow(b []byte, n int) []byte {
 
 // readErr turns a short read into ErrNotClientHello (the client hung up
 // mid-record) unless it is a timeout, which the caller counts apart.
-func readErr(err error, have int) error {
+// began says whether any byte had arrived.
+func readErr(err error, began bool) error {
 	var te interface{ Timeout() bool }
 	if errors.As(err, &te) && te.Timeout() {
 		return err
 	}
-	if errors.Is(err, io.EOF) && have == 0 {
+	if errors.Is(err, io.EOF) && !began {
 		return fmt.Errorf("%w: connection closed before any data", ErrNotClientHello)
 	}
 	return fmt.Errorf("%w: %v", ErrNotClientHello, err)
