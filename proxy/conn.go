@@ -21,96 +21,127 @@ import (
 // hellos fit the initial size.
 var helloBufs = sync.Pool{New: func() any { b := make([]byte, 0, clienthello.BufferSize); return &b }}
 
-// serveConn takes one accepted connection through the pre-routing stages
-// in order — PROXY header, firewall, ClientHello — each reading from the
-// bare socket, so nothing is ever buffered past what a stage needs.
-// Errors from the ClientHello stage are counted as bad_client_hello
-// unless the handshake deadline expired.
-//
-// An L4 connection's relay runs in two fresh goroutines and this one
-// returns: its stack grew through the dial and the ClientHello, and an
-// idle relay should not keep that stack for its lifetime. The relay then
-// owns the connection's bookkeeping (see closeConn).
-func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListener, c *net.TCPConn) {
-	start := time.Now()
-	peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-	peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
-	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
-	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
-	client := peer
+// accepted is one connection from its accept to its end: what routing
+// and the access log need, and its share of the Server's bookkeeping.
+type accepted struct {
+	s     *Server
+	snap  *Snapshot
+	lc    *listenerConfig
+	rl    *runningListener
+	start time.Time
+	// client is the peer, or the PROXY header's source; local the
+	// address it connected to (the header's destination), invalid until
+	// known.
+	client, local netip.AddrPort
+	socks         *sockets
+}
 
-	// A hard shutdown closes the sockets, which unblocks any stage below
-	// and the relay. One registration covers both (see sockets).
-	socks := &sockets{client: c}
-	s.tracked.add(socks)
-	// closeConn is the connection's end: run here, or by the relay once
-	// both directions are done.
-	closeConn := func() {
-		s.tracked.remove(socks)
-		rl.active.Add(-1)
-		lc.m.active.Dec()
-		s.live.Add(-1)
-		s.conns.Done()
-	}
-	handedOff := false
-	defer func() {
-		if !handedOff {
-			closeConn()
-		}
-	}()
-	// failed turns the connection away after a read, dial or write
-	// failed, unless the hard shutdown made it fail by cancelling the
-	// dial or closing the sockets (hardCtx ends first): that says
-	// nothing of the client or the backend, and Shutdown's CutError
-	// counts the connection. Rejecting it would log a bad_client_hello,
-	// or a warning that the backend is unreachable, for every handshake
-	// a restart cuts.
-	failed := func(why reason, client netip.AddrPort, err error) {
-		if s.hardCtx.Err() != nil {
-			c.Close() // sockets.close may not have reached it yet
-			return
-		}
-		s.reject(rl, lc, c, why, client, err)
-	}
+func (s *Server) newAccepted(snap *Snapshot, lc *listenerConfig, rl *runningListener, client netip.AddrPort) *accepted {
+	a := &accepted{s: s, snap: snap, lc: lc, rl: rl, start: time.Now(), client: client, socks: &sockets{}}
+	// A hard shutdown closes the sockets, which unblocks any stage and
+	// the relay. One registration covers both (see sockets).
+	s.tracked.add(a.socks)
+	return a
+}
 
-	c.SetReadDeadline(start.Add(lc.handshakeTimeout))
-	if lc.proxyProtocol {
-		if !containsAddr(lc.trusted, peer.Addr()) {
-			s.reject(rl, lc, c, reasonBadProxyHeader, peer, errors.New("sender not in proxy_protocol_trusted"))
-			return
-		}
-		h, err := proxyproto.Read(c)
-		if err != nil {
-			failed(timeoutOr(err, reasonBadProxyHeader), peer, err)
-			return
-		}
-		if h.Command == proxyproto.Proxy && h.Source.IsValid() {
-			client = netip.AddrPortFrom(h.Source.Addr().Unmap(), h.Source.Port())
-			// Pass on the address the client originally connected to,
-			// as HAProxy does, not our own hop's.
-			local = netip.AddrPortFrom(h.Destination.Addr().Unmap(), h.Destination.Port())
-		}
-	}
+// end is the connection's end: run by whoever holds it last (the
+// handshake, or the relay once both directions are done).
+func (a *accepted) end() {
+	a.s.tracked.remove(a.socks)
+	a.rl.active.Add(-1)
+	a.lc.m.active.Dec()
+	a.s.live.Add(-1)
+	a.s.conns.Done()
+}
 
-	// The blocklist goes first so a blocked address spends no rate-limit
-	// quota.
-	switch snap.rules.Check(client.Addr()) {
+// cutByShutdown says whether the hard shutdown made a read, dial or
+// write fail, by cancelling the dial or closing the sockets (hardCtx
+// ends first). That says nothing of the client or the backend, and
+// Shutdown's CutError counts the connection: rejecting it would log a
+// bad_client_hello, or a warning that the backend is unreachable, for
+// every handshake a restart cuts.
+func (a *accepted) cutByShutdown() bool { return a.s.hardCtx.Err() != nil }
+
+// admit runs the firewall on the client's address: the blocklist first,
+// so that a blocked address spends no rate-limit quota, then the rate
+// limiter. It returns the reason to turn the connection away, if any.
+func (a *accepted) admit() (reason, bool) {
+	switch a.snap.rules.Check(a.client.Addr()) {
 	case firewall.BlockedIP:
-		s.reject(rl, lc, c, reasonBlockedIP, client, nil)
-		return
+		return reasonBlockedIP, false
 	case firewall.BlockedCountry:
-		s.reject(rl, lc, c, reasonBlockedCountry, client, nil)
-		return
+		return reasonBlockedCountry, false
 	}
 	// The time of the check, not of the accept: a PROXY header may
 	// arrive up to handshake_timeout later (a load balancer that sends
 	// it with the client's first bytes), and a stale time would restart
 	// the source in the limiter, handing it a fresh budget.
-	if snap.limiter != nil && !snap.limiter.Allow(client.Addr(), time.Now()) {
-		s.reject(rl, lc, c, reasonRateLimited, client, nil)
+	if a.snap.limiter != nil && !a.snap.limiter.Allow(a.client.Addr(), time.Now()) {
+		return reasonRateLimited, false
+	}
+	return 0, true
+}
+
+// serveConn takes one connection accepted through net through the
+// pre-routing stages in order — PROXY header, firewall, ClientHello —
+// each reading from the bare socket, so nothing is ever buffered past
+// what a stage needs. Errors from the ClientHello stage are counted as
+// bad_client_hello unless the handshake deadline expired. (On Linux,
+// connections to listeners without proxy_protocol take these stages in
+// an event loop instead: see serveRaw.)
+func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListener, c *net.TCPConn) {
+	peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
+	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	a := s.newAccepted(snap, lc, rl, peer)
+	a.local = local
+	a.socks.setClient(c)
+
+	c.SetReadDeadline(a.start.Add(lc.handshakeTimeout))
+	if lc.proxyProtocol {
+		if !containsAddr(lc.trusted, peer.Addr()) {
+			s.reject(rl, lc, c, reasonBadProxyHeader, peer, errors.New("sender not in proxy_protocol_trusted"))
+			a.end()
+			return
+		}
+		h, err := proxyproto.Read(c)
+		if err != nil {
+			a.failed(c, timeoutOr(err, reasonBadProxyHeader), err)
+			a.end()
+			return
+		}
+		if h.Command == proxyproto.Proxy && h.Source.IsValid() {
+			a.client = netip.AddrPortFrom(h.Source.Addr().Unmap(), h.Source.Port())
+			// Pass on the address the client originally connected to,
+			// as HAProxy does, not our own hop's.
+			a.local = netip.AddrPortFrom(h.Destination.Addr().Unmap(), h.Destination.Port())
+		}
+	}
+	if why, ok := a.admit(); !ok {
+		s.reject(rl, lc, c, why, a.client, nil)
+		a.end()
 		return
 	}
+	if !s.readHello(a, c) {
+		a.end()
+	}
+}
 
+// failed turns the connection away after a read, dial or write failed,
+// unless the hard shutdown made it fail.
+func (a *accepted) failed(c *net.TCPConn, why reason, err error) {
+	if a.cutByShutdown() {
+		c.Close() // sockets.close may not have reached it yet
+		return
+	}
+	a.s.reject(a.rl, a.lc, c, why, a.client, err)
+}
+
+// readHello reads the ClientHello from c and serves the route it asks
+// for. It reports whether the connection lives on in a relay, which
+// then ends it; otherwise the caller does.
+func (s *Server) readHello(a *accepted, c *net.TCPConn) bool {
 	bufp := helloBufs.Get().(*[]byte)
 	// The buffer goes back to the pool as soon as its bytes are sent, not
 	// when the connection ends: an idle relay should not pin it.
@@ -126,17 +157,38 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		*bufp = hello.Raw[:0] // keep a grown buffer, within reason
 	}
 	if err != nil {
-		failed(timeoutOr(err, reasonBadClientHello), client, err)
-		return
+		a.failed(c, timeoutOr(err, reasonBadClientHello), err)
+		return false
 	}
-	r := lc.routes.lookup(hello.ServerName)
+	r := a.lc.routes.lookup(hello.ServerName)
 	if r == nil {
-		s.reject(rl, lc, c, reasonNoRoute, client, noRouteError(hello.ServerName))
-		return
+		s.reject(a.rl, a.lc, c, reasonNoRoute, a.client, noRouteError(hello.ServerName))
+		return false
 	}
 	c.SetReadDeadline(time.Time{})
 	r.m.conns.Inc()
+	return s.serveRoute(a, c, r, hello, release)
+}
 
+// serveRoute serves a routed connection whose ClientHello has been
+// read: it runs an L7 route's handler, or dials an L4 route's backend
+// and starts the relay. It reports whether the relay took the
+// connection. release, if not nil, is called once hello's bytes are no
+// longer needed.
+//
+// An L4 connection's relay runs in an event loop, or in goroutines of
+// its own, and this goroutine returns: its stack grew through the dial
+// and the ClientHello, and an idle relay should not keep that stack for
+// its lifetime.
+func (s *Server) serveRoute(a *accepted, c *net.TCPConn, r *route, hello clienthello.Hello, release func()) bool {
+	if release == nil {
+		release = func() {}
+	}
+	lc := a.lc
+	if a.local == (netip.AddrPort{}) {
+		local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+		a.local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	}
 	if r.l7 != nil {
 		// crypto/tls owns the connection from here; the hello bytes are
 		// replayed into it, so they must not go back to the pool.
@@ -145,9 +197,9 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		release()
 		lconn := &l7Conn{TCPConn: c}
 		r.l7.ServeConn(s.drainCtx, lconn, raw, l7.ConnInfo{
-			Client:         client,
-			Local:          local,
-			TrustForwarded: containsAddr(lc.forwardedTrusted, client.Addr()),
+			Client:         a.client,
+			Local:          a.local,
+			TrustForwarded: containsAddr(lc.forwardedTrusted, a.client.Addr()),
 			SNI:            sni,
 			Cut:            s.hardCtx,
 			RoutedHere:     r.routedHere,
@@ -157,11 +209,11 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 		r.m.toBackend.Add(float64(in))
 		r.m.toClient.Add(float64(out))
 		s.log.LogAttrs(context.Background(), slog.LevelInfo, "connection",
-			slog.String("listener", lc.name), slog.Any("client", client), slog.String("sni", sni),
+			slog.String("listener", lc.name), slog.Any("client", a.client), slog.String("sni", sni),
 			slog.String("route", r.sni), slog.String("mode", "l7"), slog.String("backend", r.backend),
 			slog.Uint64("bytes_in", in), slog.Uint64("bytes_out", out),
-			slog.Duration("duration", time.Since(start)))
-		return
+			slog.Duration("duration", time.Since(a.start)))
+		return false
 	}
 
 	dialStart := time.Now()
@@ -170,42 +222,56 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	d := net.Dialer{Timeout: lc.dialTimeout, KeepAlive: -1}
 	b, err := dialBackend(s.hardCtx, &d, r)
 	if err != nil {
-		failed(reasonBackendUnreachable, client, err)
-		return
+		a.failed(c, reasonBackendUnreachable, err)
+		return false
 	}
 	r.m.dial.Observe(time.Since(dialStart).Seconds())
-	socks.setBackend(b)
+	a.socks.setBackend(b)
 
 	// PROXY v2 header and the recorded ClientHello go out in one write.
-	out := hello.Raw
-	if r.sendProxy {
-		out = proxyproto.AppendV2(make([]byte, 0, 64+len(hello.ServerName)+len(hello.Raw)), client, local, hello.ServerName)
-		out = append(out, hello.Raw...)
-	}
+	out := proxyAndHello(r, a, hello)
 	if _, err := b.Write(out); err != nil {
 		b.Close()
-		failed(reasonBackendUnreachable, client, err)
-		return
+		a.failed(c, reasonBackendUnreachable, err)
+		return false
 	}
 	sni, helloLen := hello.ServerName, len(hello.Raw)
 	release()
 
-	handedOff = true
-	s.relay(socks, c, b, lc.idleTimeout, func(res relayResult) {
+	s.relay(a.socks, c, b, lc.idleTimeout, func(res relayResult) {
 		c.Close()
 		b.Close()
-		res.toBackend += int64(helloLen)
-		r.m.toBackend.Add(float64(res.toBackend))
-		r.m.toClient.Add(float64(res.toClient))
-		// LogAttrs: no per-connection boxing of the values, and nothing
-		// built at all when info lines are off.
-		s.log.LogAttrs(context.Background(), slog.LevelInfo, "connection",
-			slog.String("listener", lc.name), slog.Any("client", client), slog.String("sni", sni),
-			slog.String("route", r.sni), slog.String("backend", r.backend),
-			slog.Int64("bytes_in", res.toBackend), slog.Int64("bytes_out", res.toClient),
-			slog.Duration("duration", time.Since(start)), slog.String("end", res.end))
-		closeConn()
+		a.relayed(r, sni, helloLen, res)
 	})
+	return true
+}
+
+// proxyAndHello is what goes to an L4 backend before the relay: the
+// recorded ClientHello, after a PROXY v2 header if the route sends one.
+func proxyAndHello(r *route, a *accepted, hello clienthello.Hello) []byte {
+	if !r.sendProxy {
+		return hello.Raw
+	}
+	out := proxyproto.AppendV2(make([]byte, 0, 64+len(hello.ServerName)+len(hello.Raw)), a.client, a.local, hello.ServerName)
+	return append(out, hello.Raw...)
+}
+
+// relayed is an L4 relay's end once its sockets are closed: the
+// route's byte counters, the access log line, and the connection's end.
+// The ClientHello (helloLen bytes) went to the backend before the relay
+// counted anything.
+func (a *accepted) relayed(r *route, sni string, helloLen int, res relayResult) {
+	res.toBackend += int64(helloLen)
+	r.m.toBackend.Add(float64(res.toBackend))
+	r.m.toClient.Add(float64(res.toClient))
+	// LogAttrs: no per-connection boxing of the values, and nothing
+	// built at all when info lines are off.
+	a.s.log.LogAttrs(context.Background(), slog.LevelInfo, "connection",
+		slog.String("listener", a.lc.name), slog.Any("client", a.client), slog.String("sni", sni),
+		slog.String("route", r.sni), slog.String("backend", r.backend),
+		slog.Int64("bytes_in", res.toBackend), slog.Int64("bytes_out", res.toClient),
+		slog.Duration("duration", time.Since(a.start)), slog.String("end", res.end))
+	a.end()
 }
 
 // dialBackend connects to r's backend. An address is parsed by the
@@ -228,7 +294,7 @@ func dialBackend(ctx context.Context, d *net.Dialer, r *route) (*net.TCPConn, er
 // sockets are one connection's client and backend sockets as a hard
 // shutdown sees them, registered in the Server's trackedSockets.
 type sockets struct {
-	client     *net.TCPConn
+	client     atomic.Pointer[net.TCPConn] // unset while an event loop holds it as a bare descriptor
 	backend    atomic.Pointer[net.TCPConn] // set once dialed
 	loop       atomic.Pointer[loopConn]    // set while an event loop relays them
 	closing    atomic.Bool
@@ -239,12 +305,22 @@ type sockets struct {
 // socket brings an event loop no event, so a relay in one is told.
 func (s *sockets) close() {
 	s.closing.Store(true)
-	s.client.Close()
+	if c := s.client.Load(); c != nil {
+		c.Close()
+	}
 	if b := s.backend.Load(); b != nil {
 		b.Close()
 	}
 	if c := s.loop.Load(); c != nil {
 		c.cut()
+	}
+}
+
+// setClient publishes the client socket, as setBackend does.
+func (s *sockets) setClient(c *net.TCPConn) {
+	s.client.Store(c)
+	if s.closing.Load() {
+		c.Close()
 	}
 }
 

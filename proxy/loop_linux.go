@@ -12,6 +12,7 @@ import (
 	"unsafe"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 )
 
 // An L4 relay starts in an event loop, not in goroutines of its own.
@@ -24,8 +25,11 @@ import (
 // loop then hands the connection to the goroutine relay (relayJob),
 // which splices.
 //
-// The loop borrows the sockets, it does not own them: they stay
-// *net.TCPConn, every system call on them goes through RawConn.Control
+// A connection the loop took from its accept (see handshake_linux.go)
+// is a pair of bare descriptors the loop owns: it alone calls the
+// kernel on them and closes them, under mu, and a hard shutdown asks it
+// to (loopConn.cut). Those of a relay handed over as *net.TCPConns it
+// borrows: every system call on them goes through RawConn.Control
 // (which holds the descriptor open against a concurrent Close), and
 // closing them is net's Close as everywhere else. A hard shutdown that
 // closes them tells the loop through loopConn.cut.
@@ -123,9 +127,13 @@ type eventLoop struct {
 	nextID uint32
 	buf    []byte // the read buffer, shared by every connection
 	idleQs map[time.Duration]*idleQueue
-	epoch  time.Time     // the idle checks' clock starts here
-	sys    loopCall      // the system call in progress, under mu
-	call   func(uintptr) // sys.run, made once
+	// deadlineQs hold handshakes by their deadline's length:
+	// handshake_timeout while the ClientHello is read, dial_timeout
+	// while the backend's connect is.
+	deadlineQs map[time.Duration]*idleQueue
+	epoch      time.Time     // the idle checks' clock starts here
+	sys        loopCall      // the system call in progress, under mu
+	call       func(uintptr) // sys.run, made once
 }
 
 func newEventLoop() (*eventLoop, error) {
@@ -144,7 +152,9 @@ func newEventLoop() (*eventLoop, error) {
 		conns:  map[uint32]*loopConn{},
 		buf:    make([]byte, chunkSize),
 		idleQs: map[time.Duration]*idleQueue{},
-		epoch:  time.Now(),
+
+		deadlineQs: map[time.Duration]*idleQueue{},
+		epoch:      time.Now(),
 
 		wake:     make(chan struct{}, 1),
 		quit:     make(chan struct{}),
@@ -252,6 +262,14 @@ type loopConn struct {
 
 	id   uint32
 	gone bool // finished or handed over to goroutines
+	// raw: the loop owns the sockets as the bare descriptors fd
+	// (client, backend; -1 if none), from their accept (see serveRaw);
+	// otherwise client and backend, borrowed through sock[i].rc.
+	raw   bool
+	stay  bool // a raw relay net could not take (see takeNet)
+	fd    [2]int32
+	hs    *loopHandshake // until the relay starts, for a raw connection
+	socks *sockets       // a raw connection's, told of the sockets net makes of fd
 }
 
 // loopSocket is one socket as the loop sees it. Readiness is
@@ -290,6 +308,7 @@ const (
 	opWrite
 	opShutdown
 	opAdd
+	opAddWatchingOut
 	opWatchOut
 	opRemove
 )
@@ -315,6 +334,9 @@ func (s *loopCall) run(fd uintptr) {
 		syscall.RawSyscall(syscall.SYS_SHUTDOWN, fd, syscall.SHUT_WR, 0)
 	case opAdd:
 		s.err = epollCtl(s.ep, syscall.EPOLL_CTL_ADD, int(fd), &s.ev)
+	case opAddWatchingOut:
+		s.ev.Events |= syscall.EPOLLOUT
+		s.err = epollCtl(s.ep, syscall.EPOLL_CTL_ADD, int(fd), &s.ev)
 	case opWatchOut:
 		s.ev.Events |= syscall.EPOLLOUT
 		s.err = epollCtl(s.ep, syscall.EPOLL_CTL_MOD, int(fd), &s.ev)
@@ -330,6 +352,13 @@ func (l *eventLoop) do(c *loopConn, i int, op int) error {
 	// The event's 64-bit data (Fd and Pad) says which connection and
 	// which of its sockets became ready.
 	l.sys.ev = syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLPRI | syscall.EPOLLRDHUP | epollET, Fd: int32(c.id), Pad: int32(i)}
+	if c.raw {
+		if c.fd[i] < 0 {
+			return net.ErrClosed
+		}
+		l.call(uintptr(c.fd[i]))
+		return l.sys.err
+	}
 	if err := c.sock[i].rc.Control(l.call); err != nil {
 		return err
 	}
@@ -363,11 +392,7 @@ func (l *eventLoop) adopt(socks *sockets, client, backend *net.TCPConn, idle tim
 		c.sock[i].rc, c.sock[i].writable = rc, true
 	}
 	l.mu.Lock()
-	for l.conns[l.nextID] != nil {
-		l.nextID++
-	}
-	c.id = l.nextID
-	l.nextID++
+	c.id = l.newID()
 	for i := range c.sock {
 		if err := l.do(c, i, opAdd); err != nil {
 			if i == 1 {
@@ -379,7 +404,7 @@ func (l *eventLoop) adopt(socks *sockets, client, backend *net.TCPConn, idle tim
 	}
 	l.conns[c.id] = c
 	if idle > 0 {
-		l.idleQueue(idle).push(c)
+		l.queue(idle, false).push(c)
 	}
 	l.mu.Unlock()
 	// A hard shutdown that began before the hook was set has closed the
@@ -391,11 +416,31 @@ func (l *eventLoop) adopt(socks *sockets, client, backend *net.TCPConn, idle tim
 	return true
 }
 
-// cut ends the relay after a hard shutdown closed its sockets.
+// newID returns an ID no connection of the loop has. The caller holds
+// mu.
+func (l *eventLoop) newID() uint32 {
+	for l.conns[l.nextID] != nil {
+		l.nextID++
+	}
+	id := l.nextID
+	l.nextID++
+	return id
+}
+
+// cut ends the relay after a hard shutdown closed its sockets, or
+// closes them itself if the loop holds them as bare descriptors. A
+// handshake cut so is not the client's or the backend's fault:
+// Shutdown's CutError counts it.
 func (c *loopConn) cut() {
 	l := c.l
 	l.mu.Lock()
-	if !c.gone {
+	switch {
+	case c.gone:
+	case c.hs != nil:
+		a := c.hs.a
+		l.closeHandshake(c, false)
+		l.later(a.end)
+	default:
 		l.end(c, "closed")
 	}
 	l.mu.Unlock()
@@ -407,26 +452,38 @@ func (c *loopConn) cut() {
 // re-queued at the tail keeps the order, and one timer serves the
 // queue. A timer per relay would cost each idle connection another
 // hundred-odd bytes.
+//
+// A deadline queue (deadline set) holds handshakes instead, each due
+// once, idle after it joined: the ClientHello's or the dial's timeout.
 type idleQueue struct {
-	l     *eventLoop
-	idle  time.Duration
-	head  loopConn // sentinel: head.next is the first due
-	timer *time.Timer
+	l        *eventLoop
+	idle     time.Duration
+	deadline bool
+	head     loopConn // sentinel: head.next is the first due
+	timer    *time.Timer
 }
 
-// idleQueue returns the queue for idle, making it if need be. Queues
-// go when their last relay does, so there are only as many as the
-// idle timeouts of live relays.
-func (l *eventLoop) idleQueue(idle time.Duration) *idleQueue {
-	q := l.idleQs[idle]
+// queue returns the idle queue, or the deadline queue, for d, making it
+// if need be. Queues go when their last connection does, so there are
+// only as many as the timeouts of live connections.
+func (l *eventLoop) queue(d time.Duration, deadline bool) *idleQueue {
+	qs := l.queues(deadline)
+	q := qs[d]
 	if q == nil {
-		q = &idleQueue{l: l, idle: idle}
+		q = &idleQueue{l: l, idle: d, deadline: deadline}
 		q.head.next, q.head.prev = &q.head, &q.head
 		q.timer = time.AfterFunc(time.Hour, q.fire)
 		q.timer.Stop()
-		l.idleQs[idle] = q
+		qs[d] = q
 	}
 	return q
+}
+
+func (l *eventLoop) queues(deadline bool) map[time.Duration]*idleQueue {
+	if deadline {
+		return l.deadlineQs
+	}
+	return l.idleQs
 }
 
 // now is the loop's clock for idle checks: monotonic, and small enough
@@ -437,7 +494,12 @@ func (l *eventLoop) now() time.Duration { return time.Since(l.epoch) }
 // positive idle_timeout, and under 4ns a quarter is zero: quiet time
 // would never grow, so a silent relay would never close while the
 // queue's timer fired without pause. One nanosecond at least.
-func (q *idleQueue) tick() time.Duration { return max(q.idle/4, 1) }
+func (q *idleQueue) tick() time.Duration {
+	if q.deadline {
+		return q.idle
+	}
+	return max(q.idle/4, 1)
+}
 
 func (q *idleQueue) push(c *loopConn) {
 	tick := q.tick()
@@ -455,7 +517,7 @@ func (q *idleQueue) remove(c *loopConn) {
 	c.prev, c.next, c.idleQ = nil, nil, nil
 	if q.head.next == &q.head {
 		q.timer.Stop()
-		delete(q.l.idleQs, q.idle)
+		delete(q.l.queues(q.deadline), q.idle)
 	}
 }
 
@@ -469,12 +531,16 @@ func (q *idleQueue) fire() {
 	tick := q.tick()
 	for c := q.head.next; c != &q.head && c.due <= now; c = q.head.next {
 		q.remove(c)
+		if q.deadline {
+			l.expire(c)
+			continue
+		}
 		// The kernel's counters alone: every byte the loop relays was
 		// received on one socket, and what it wrote is acknowledged on
 		// the other. Taking the loop's own byte counts as activity first
 		// would leave these stale, and the next check would see their
 		// change and restart the quiet time one period late.
-		if seen := bytesMoved(c.client) + bytesMoved(c.backend); seen != c.lastSeen {
+		if seen := c.bytesMoved(); seen != c.lastSeen {
 			c.lastSeen, c.quiet = seen, 0
 		} else {
 			c.quiet += tick
@@ -516,6 +582,10 @@ func (l *eventLoop) handle(ev syscall.EpollEvent) {
 		// new edge.
 		s.readable, s.urgent = true, true
 	}
+	if c.hs != nil {
+		l.handshake(c)
+		return
+	}
 	l.pump(c)
 }
 
@@ -523,23 +593,26 @@ func (l *eventLoop) handle(ev syscall.EpollEvent) {
 // directions are done or one fails, and leaves for goroutines when a
 // direction turns out to carry bulk data.
 func (l *eventLoop) pump(c *loopConn) {
-	bulk := false
-	for i := range c.dir {
-		if c.dir[i].done {
-			continue
+	for {
+		bulk := false
+		for i := range c.dir {
+			if c.dir[i].done {
+				continue
+			}
+			full, end := l.move(c, i)
+			if end != "" {
+				l.end(c, end)
+				return
+			}
+			bulk = bulk || full
 		}
-		full, end := l.move(c, i)
-		if end != "" {
-			l.end(c, end)
-			return
+		switch {
+		case c.dir[0].done && c.dir[1].done:
+			l.end(c, "done")
+		case bulk && !l.migrate(c):
+			continue // still here: move on until something would block
 		}
-		bulk = bulk || full
-	}
-	switch {
-	case c.dir[0].done && c.dir[1].done:
-		l.end(c, "done")
-	case bulk:
-		l.migrate(c)
+		return
 	}
 }
 
@@ -667,19 +740,37 @@ func (l *eventLoop) end(c *loopConn, why string) {
 			c.dir[i].pending = nil
 		}
 	}
-	c.client.Close()
-	c.backend.Close()
+	if c.raw {
+		for _, fd := range c.fd {
+			if fd >= 0 {
+				closeFD(int(fd))
+			}
+		}
+		c.fd = [2]int32{-1, -1}
+	} else {
+		c.client.Close()
+		c.backend.Close()
+	}
 	res := relayResult{toBackend: c.toBackend, toClient: c.toClient, end: why}
 	l.later(func() { c.finish(res) })
 }
 
 // migrate hands the relay to goroutines, with what each direction has
 // read and not yet written, once bulk data flows.
-func (l *eventLoop) migrate(c *loopConn) {
-	for i := range c.sock {
-		if err := l.do(c, i, opRemove); err != nil {
-			l.end(c, l.failure(err, i, false))
-			return
+//
+// It reports false if the relay stays in the loop: a raw connection
+// whose sockets net could not take, for want of descriptors.
+func (l *eventLoop) migrate(c *loopConn) bool {
+	if c.raw {
+		if c.stay || !l.takeNet(c) {
+			return false
+		}
+	} else {
+		for i := range c.sock {
+			if err := l.do(c, i, opRemove); err != nil {
+				l.end(c, l.failure(err, i, false))
+				return true
+			}
 		}
 	}
 	l.leave(c)
@@ -694,6 +785,7 @@ func (l *eventLoop) migrate(c *loopConn) {
 	// At once, not through the finisher: a finish blocked on a log
 	// write must not hold up a transfer. start only starts goroutines.
 	j.start()
+	return true
 }
 
 // epollCtl is epoll_ctl(2) without the scheduler's bookkeeping (see
@@ -718,4 +810,46 @@ func epollPoll(ep int, events []syscall.EpollEvent) int {
 		return 0
 	}
 	return int(r)
+}
+
+// takeNet turns a raw connection's descriptors into *net.TCPConns for
+// the goroutine relay, which waits through the runtime's poller, and
+// takes the descriptors out of the loop. net keeps a duplicate of each
+// (and makes one of its own on the way), so this needs free descriptors;
+// without them it reports false and the relay stays in the loop, bulk
+// and all, reading and writing through user space: counted as two
+// directions without a pipe.
+func (l *eventLoop) takeNet(c *loopConn) bool {
+	var conns [2]*net.TCPConn
+	for i, fd := range c.fd {
+		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err == nil {
+			conns[i], err = netConn(dup)
+		}
+		if err != nil {
+			if conns[0] != nil {
+				conns[0].Close()
+			}
+			c.stay = true
+			c.noPipe.Add(2)
+			return false
+		}
+	}
+	for i := range c.sock {
+		l.do(c, i, opRemove)
+		closeFD(int(c.fd[i]))
+	}
+	c.raw, c.fd, c.client, c.backend = false, [2]int32{-1, -1}, conns[0], conns[1]
+	c.socks.setClient(c.client)
+	c.socks.setBackend(c.backend)
+	return true
+}
+
+// bytesMoved is what the idle check reads: the kernel's counters of
+// both sockets.
+func (c *loopConn) bytesMoved() uint64 {
+	if c.raw {
+		return bytesMovedFD(int(c.fd[0])) + bytesMovedFD(int(c.fd[1]))
+	}
+	return bytesMoved(c.client) + bytesMoved(c.backend)
 }

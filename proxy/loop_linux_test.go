@@ -67,7 +67,7 @@ func TestLoopWaitsForSlowReader(t *testing.T) {
 		proxyBackend.Close()
 		results <- r
 	}
-	if !ls.pick().adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), finish) {
+	if !ls.pick().adopt(testSockets(proxyClient), proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), finish) {
 		t.Fatal("the loop refused the relay")
 	}
 
@@ -113,7 +113,7 @@ func TestLoopRelayCut(t *testing.T) {
 		t.Run(fmt.Sprintf("before=%v", before), func(t *testing.T) {
 			_, proxyClient := tcpPair(t)
 			proxyBackend, _ := tcpPair(t)
-			socks := &sockets{client: proxyClient}
+			socks := testSockets(proxyClient)
 			socks.setBackend(proxyBackend)
 			var ls eventLoops
 			defer ls.stop()
@@ -153,7 +153,7 @@ func TestLoopIdleQueues(t *testing.T) {
 		proxyBackend, _ := tcpPair(t)
 		results := make(chan relayResult, 1)
 		finish := func(r relayResult) { results <- r }
-		if !l.adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, idle, noPipe, finish) {
+		if !l.adopt(testSockets(proxyClient), proxyClient, proxyBackend, idle, noPipe, finish) {
 			t.Fatal("the loop refused the relay")
 		}
 		return results, func() { proxyClient.Close(); proxyBackend.Close() }
@@ -209,7 +209,7 @@ func TestLoopIdleCountsFromLastActivity(t *testing.T) {
 	client, proxyClient := tcpPair(t)
 	proxyBackend, backend := tcpPair(t)
 	noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "x"})
-	if !l.adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, time.Hour, noPipe, func(relayResult) {}) {
+	if !l.adopt(testSockets(proxyClient), proxyClient, proxyBackend, time.Hour, noPipe, func(relayResult) {}) {
 		t.Fatal("the loop refused the relay")
 	}
 	// check runs the relay's idle check now and reports whether it
@@ -289,7 +289,7 @@ func TestLoopIdleTimeoutUnderFourNanoseconds(t *testing.T) {
 	_, proxyClient := tcpPair(t)
 	proxyBackend, _ := tcpPair(t)
 	results := make(chan relayResult, 1)
-	if !l.adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, 3*time.Nanosecond, noPipe, func(r relayResult) { results <- r }) {
+	if !l.adopt(testSockets(proxyClient), proxyClient, proxyBackend, 3*time.Nanosecond, noPipe, func(r relayResult) { results <- r }) {
 		t.Fatal("the loop refused the relay")
 	}
 	select {
@@ -401,7 +401,7 @@ func TestLoopReadsPastUrgentMark(t *testing.T) {
 	var ls eventLoops
 	defer ls.stop()
 	finish := func(relayResult) { proxyClient.Close(); proxyBackend.Close() }
-	if !ls.pick().adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), finish) {
+	if !ls.pick().adopt(testSockets(proxyClient), proxyClient, proxyBackend, 0, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}), finish) {
 		t.Fatal("the loop refused the relay")
 	}
 	backend.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -425,7 +425,7 @@ func TestLoopRelaysWhileAFinishBlocks(t *testing.T) {
 	relay := func(finish func(relayResult)) (client, backend *net.TCPConn) {
 		client, proxyClient := tcpPair(t)
 		proxyBackend, backend := tcpPair(t)
-		if !l.adopt(&sockets{client: proxyClient}, proxyClient, proxyBackend, 0, noPipe, finish) {
+		if !l.adopt(testSockets(proxyClient), proxyClient, proxyBackend, 0, noPipe, finish) {
 			t.Fatal("the loop refused the relay")
 		}
 		return client, backend
@@ -458,4 +458,12 @@ func TestLoopRelaysWhileAFinishBlocks(t *testing.T) {
 	}
 	otherClient.Close()
 	otherBackend.Close()
+}
+
+// testSockets registers client as sockets do for a connection served
+// through net.
+func testSockets(client *net.TCPConn) *sockets {
+	s := &sockets{}
+	s.setClient(client)
+	return s
 }

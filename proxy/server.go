@@ -99,6 +99,7 @@ var noKeepAlive = net.ListenConfig{KeepAlive: -1}
 type runningListener struct {
 	addr     string
 	ln       *net.TCPListener
+	raw      rawListener // accepts bare descriptors (Linux)
 	active   atomic.Int64
 	total    atomic.Uint64
 	rejected [numReasons]atomic.Uint64
@@ -158,16 +159,23 @@ func (s *Server) ApplyWith(snap *Snapshot, commit func() error) error {
 		ln, err := noKeepAlive.Listen(context.Background(), "tcp", lc.addr)
 		if err != nil {
 			for _, rl := range opened {
-				rl.ln.Close()
+				rl.close()
 			}
 			return snap.cfg.KeyError(fmt.Sprintf("listener[%d].listen", i), err)
 		}
-		opened = append(opened, &runningListener{addr: lc.addr, ln: ln.(*net.TCPListener), done: make(chan struct{})})
+		rl, err := newRunningListener(lc.addr, ln.(*net.TCPListener))
+		if err != nil {
+			for _, rl := range opened {
+				rl.close()
+			}
+			return snap.cfg.KeyError(fmt.Sprintf("listener[%d].listen", i), err)
+		}
+		opened = append(opened, rl)
 	}
 	if commit != nil {
 		if err := commit(); err != nil {
 			for _, rl := range opened {
-				rl.ln.Close()
+				rl.close()
 			}
 			return err
 		}
@@ -186,7 +194,7 @@ func (s *Server) ApplyWith(snap *Snapshot, commit func() error) error {
 	var removed []*runningListener
 	for addr, rl := range s.listeners {
 		if _, ok := snap.listeners[addr]; !ok {
-			rl.ln.Close()
+			rl.close()
 			delete(s.listeners, addr)
 			removed = append(removed, rl)
 		}
@@ -285,7 +293,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// there so operators can watch the drain. Apply refuses from now on,
 	// so nothing opens or replaces one.
 	for _, rl := range s.listeners {
-		rl.ln.Close()
+		rl.close()
 		<-rl.done
 	}
 	s.mu.Unlock()
@@ -331,12 +339,30 @@ func (e *CutError) Error() string {
 
 func (e *CutError) Unwrap() error { return e.Err }
 
-// serveListener is the accept loop of one socket.
+// close closes the listening socket; its accept loop then returns.
+func (rl *runningListener) close() {
+	rl.ln.Close()
+	rl.raw.close()
+}
+
+// serveListener is the accept loop of one socket. Connections to a
+// listener with proxy_protocol, and every connection off Linux, are
+// accepted through net and served by serveConn in a goroutine each;
+// on Linux the others are accepted as bare descriptors and go to an
+// event loop (serveRaw).
 func (s *Server) serveListener(rl *runningListener) {
 	defer close(rl.done)
 	var backoff time.Duration
 	for {
-		c, err := rl.ln.AcceptTCP()
+		var c *net.TCPConn
+		var fd int
+		var peer netip.AddrPort
+		var err error
+		if lc := s.current.Load().listeners[rl.addr]; rl.raw.ok() && lc != nil && !lc.proxyProtocol {
+			fd, peer, err = rl.raw.accept()
+		} else {
+			c, err = rl.ln.AcceptTCP()
+		}
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -358,7 +384,7 @@ func (s *Server) serveListener(rl *runningListener) {
 		snap := s.current.Load()
 		lc := snap.listeners[rl.addr]
 		if lc == nil { // the listener is being removed by a reload
-			c.Close()
+			closeAccepted(c, fd)
 			continue
 		}
 		rl.total.Add(1)
@@ -366,6 +392,11 @@ func (s *Server) serveListener(rl *runningListener) {
 		// Only this goroutine increments active, so check-then-add
 		// cannot overshoot the cap.
 		if lc.maxConns > 0 && rl.active.Load() >= lc.maxConns {
+			if c == nil {
+				resetFD(fd)
+				s.rejected(rl, lc, reasonMaxConnections, peer, nil)
+				continue
+			}
 			// The peer is the client unless a PROXY header, not read
 			// at the cap, would have named another.
 			var client netip.AddrPort
@@ -379,18 +410,37 @@ func (s *Server) serveListener(rl *runningListener) {
 		lc.m.active.Inc()
 		s.conns.Add(1)
 		s.live.Add(1)
+		if c == nil {
+			s.serveRaw(snap, lc, rl, fd, peer)
+			continue
+		}
 		go s.serveConn(snap, lc, rl, c)
 	}
+}
+
+// closeAccepted closes a connection accepted either way.
+func closeAccepted(c *net.TCPConn, fd int) {
+	if c != nil {
+		c.Close()
+		return
+	}
+	closeFD(fd)
 }
 
 // reject counts and closes a connection turned away before relaying.
 // It resets rather than closes: the client learns at once and no
 // TIME_WAIT is left behind for connections that never did anything.
 func (s *Server) reject(rl *runningListener, lc *listenerConfig, c *net.TCPConn, why reason, client netip.AddrPort, err error) {
-	rl.rejected[why].Add(1)
-	lc.m.rejected[why].Inc()
 	c.SetLinger(0)
 	c.Close()
+	s.rejected(rl, lc, why, client, err)
+}
+
+// rejected counts and logs a connection turned away, once its socket is
+// reset.
+func (s *Server) rejected(rl *runningListener, lc *listenerConfig, why reason, client netip.AddrPort, err error) {
+	rl.rejected[why].Add(1)
+	lc.m.rejected[why].Inc()
 	level := slog.LevelDebug // client garbage is not the operator's error
 	if why == reasonBackendUnreachable {
 		level = slog.LevelWarn

@@ -47,11 +47,15 @@ type listenerConfig struct {
 
 // route is one compiled route.
 type route struct {
-	listener  string
-	sni       string // normalised pattern
-	backend   string
-	sendProxy bool
-	l7        *l7.Handler // nil for L4
+	listener string
+	sni      string // normalised pattern
+	backend  string
+	// backendAddr is backend as an address, if it is one: a loop
+	// dials it itself (see dialRaw). A host name is resolved on every
+	// dial, through net.
+	backendAddr netip.AddrPort
+	sendProxy   bool
+	l7          *l7.Handler // nil for L4
 	// routedHere is l7.ConnInfo.RoutedHere for the route's connections:
 	// whether a connection for a host would have been routed here. Made
 	// once per snapshot, L7 routes only.
@@ -172,11 +176,12 @@ func (s *Server) compileListener(cfg *config.Config, li int, key string, l *conf
 	for j := range l.Routes {
 		rc := &l.Routes[j]
 		r := &route{
-			listener:  l.Name,
-			sni:       rc.SNI,
-			backend:   rc.Backend,
-			sendProxy: rc.SendProxyProtocol,
-			m:         s.metrics.forRoute(l.Name, rc.SNI),
+			listener:    l.Name,
+			sni:         rc.SNI,
+			backend:     rc.Backend,
+			backendAddr: literalAddr(rc.Backend),
+			sendProxy:   rc.SendProxyProtocol,
+			m:           s.metrics.forRoute(l.Name, rc.SNI),
 		}
 		if rc.Mode == config.ModeL7 {
 			h, err := l7.NewHandler(l7.Options{
@@ -305,4 +310,15 @@ func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// literalAddr is backend as an IP address and port, or the zero
+// AddrPort for a host name (or a zoned address, which a raw dial would
+// not scope).
+func literalAddr(backend string) netip.AddrPort {
+	ap, err := netip.ParseAddrPort(backend)
+	if err != nil || ap.Addr().Zone() != "" {
+		return netip.AddrPort{}
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }

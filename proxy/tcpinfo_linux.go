@@ -16,10 +16,18 @@ func bytesMoved(c *net.TCPConn) uint64 {
 		return 0
 	}
 	var n uint64
-	rc.Control(func(fd uintptr) {
-		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-			n = info.Bytes_received + info.Bytes_acked
-		}
-	})
+	rc.Control(func(fd uintptr) { n = bytesMovedFD(int(fd)) })
 	return n
+}
+
+// bytesMovedFD is bytesMoved of a bare descriptor.
+func bytesMovedFD(fd int) uint64 {
+	if fd < 0 {
+		return 0
+	}
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return 0
+	}
+	return info.Bytes_received + info.Bytes_acked
 }

@@ -1,0 +1,110 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/portcullis/portcullis/testnet"
+)
+
+// TestHandshakesHoldNoGoroutine: connections to a listener without
+// proxy_protocol wait for their ClientHello in an event loop, not in a
+// goroutine each.
+func TestHandshakesHoldNoGoroutine(t *testing.T) {
+	const n = 200
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nhandshake_timeout = \"1m\"\n"+routeTOML("x.test", "127.0.0.1:1"))
+	addr := h.addr("l")
+	// One connection first, so the loops have started.
+	first, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	testnet.WaitFor(t, "the first accepted", func() bool { return h.srv.live.Load() == 1 })
+	before := runtime.NumGoroutine()
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	testnet.WaitFor(t, "every connection accepted", func() bool { return h.srv.live.Load() == n+1 })
+	if grew := runtime.NumGoroutine() - before; grew > n/10 {
+		t.Fatalf("%d goroutines more for %d connections waiting for their ClientHello, want about none", grew, n)
+	}
+}
+
+// TestDialTimeoutInLoop: a backend whose connect never completes is
+// given up after dial_timeout, and the client is turned away as
+// backend_unreachable with net's words for it.
+func TestDialTimeoutInLoop(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "slow.test"})
+	backend := fullBacklog(t)
+	h, logs := startLoggedProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\ndial_timeout = \"200ms\"\n"+routeTOML("slow.test", backend))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	c.Write(hello)
+	if n, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("read %d bytes, want the connection closed", n)
+	}
+	line := logs.waitLine(t, "reason", "backend_unreachable")
+	want := fmt.Sprintf("dial tcp %s: i/o timeout", backend)
+	if err, _ := line["err"].(string); err != want {
+		t.Fatalf("logged err %q, want %q", err, want)
+	}
+	if n := h.rejected("l", "backend_unreachable"); n != 1 {
+		t.Fatalf("backend_unreachable = %v, want 1", n)
+	}
+}
+
+// TestRefusedDialInLoop: a backend that refuses the connect is reported
+// as net's dial would report it.
+func TestRefusedDialInLoop(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "gone.test"})
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	backend := dead.Addr().String()
+	dead.Close()
+	h, logs := startLoggedProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("gone.test", backend))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(hello)
+	line := logs.waitLine(t, "reason", "backend_unreachable")
+	want := fmt.Sprintf("dial tcp %s: connect: connection refused", backend)
+	if err, _ := line["err"].(string); err != want {
+		t.Fatalf("logged err %q, want %q", err, want)
+	}
+}
+
+// TestHostNameBackendThroughNet: a backend named by host name is dialed
+// through net, which resolves it, after the loop read the ClientHello.
+func TestHostNameBackendThroughNet(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "name.test"})
+	backend := echoBackend(t, hello)
+	_, port, _ := net.SplitHostPort(backend)
+	h, logs := startLoggedProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("name.test", "localhost:"+port))
+	c, err := dialEcho(h.addr("l"), hello, "ping")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	line := logs.waitLine(t, "msg", "connection")
+	if b, _ := line["backend"].(string); !strings.HasPrefix(b, "localhost:") {
+		t.Fatalf("access line names backend %q", b)
+	}
+}
