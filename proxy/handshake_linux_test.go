@@ -108,3 +108,18 @@ func TestHostNameBackendThroughNet(t *testing.T) {
 		t.Fatalf("access line names backend %q", b)
 	}
 }
+
+// TestProxyProtocolTurnedOnWhileAccepting: a reload that turns
+// proxy_protocol on finds the accept loop waiting as the listener was,
+// for a bare descriptor; the connection it then accepts still has its
+// PROXY header read.
+func TestProxyProtocolTurnedOnWhileAccepting(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "pp.test"})
+	backend := sniffBackend(t, hello)
+	h := startProxy(t, "[[listener]]\nname = \"pp\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("pp.test", backend, "  send_proxy_protocol = true"))
+	h.apply(ppListenerTOML("pp", "pp.test", backend))
+	got, _ := askSniff(t, "", h.addr("pp"), v2Header(0x21, 0x11, v2Addrs(ppSrc4, ppDst4)), hello)
+	if got.Kind != "proxy" || got.Src != ppSrc4 {
+		t.Fatalf("backend saw %+v, want a PROXY header from %v", got, ppSrc4)
+	}
+}

@@ -410,9 +410,21 @@ func (s *Server) serveListener(rl *runningListener) {
 		lc.m.active.Inc()
 		s.conns.Add(1)
 		s.live.Add(1)
-		if c == nil {
+		if c == nil && !lc.proxyProtocol {
 			s.serveRaw(snap, lc, rl, fd, peer)
 			continue
+		}
+		if c == nil {
+			// proxy_protocol came with a reload while the accept
+			// waited: the header is serveConn's to read.
+			if c, err = netConn(fd); err != nil {
+				s.rejectLog.log(s.log, slog.LevelError, "accept", "connection dropped", "listener", lc.name, "client", peer, "err", err)
+				rl.active.Add(-1)
+				lc.m.active.Dec()
+				s.live.Add(-1)
+				s.conns.Done()
+				continue
+			}
 		}
 		go s.serveConn(snap, lc, rl, c)
 	}
