@@ -3,6 +3,7 @@ package l7
 import (
 	"bufio"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
 
 	"github.com/portcullis/portcullis/testnet"
 )
@@ -278,4 +281,86 @@ func TestGeneralPathSlowTrafficKeepsMoving(t *testing.T) {
 			t.Fatalf("second request came from %s, the first from %s: the pooled connection was lost", second, first)
 		}
 	})
+}
+
+// On the general path, a client that stops sending its request body, or
+// (HTTP/2) answers pings but never opens its flow-control window for the
+// response, must not hold its connection, the handler and the backend
+// request for ever: a body read or a response write that waited on it
+// for idle_timeout closes the connection (README: "a relay silent in both
+// directions this long is closed").
+func TestGeneralPathStalledClient(t *testing.T) {
+	// readingBackend reads the whole body before it answers.
+	readingBackend := func(running *atomic.Int32) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			running.Add(1)
+			defer running.Add(-1)
+			n, _ := io.Copy(io.Discard, r.Body)
+			fmt.Fprintf(w, "read %d\n", n)
+		})
+	}
+	// answeringBackend answers without reading the body.
+	answeringBackend := func(size int) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Write(make([]byte, size))
+		})
+	}
+	for _, tc := range []struct {
+		name    string
+		backend string // startBackend kind
+		proto   string // route backend_protocol
+		handler func(running *atomic.Int32) http.Handler
+	}{
+		{"http1 backend reading the body", beHTTP1, "http1", readingBackend},
+		{"http1 backend answering first", beHTTP1, "http1", func(*atomic.Int32) http.Handler { return answeringBackend(3) }},
+		{"h2c backend answering first", beH2C, "h2c", func(*atomic.Int32) http.Handler { return answeringBackend(3) }},
+	} {
+		t.Run("http1 client stops its body, "+tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			pki := newTestPKI(t)
+			var running atomic.Int32
+			be := startBackend(t, pki, tc.backend, false, tc.handler(&running))
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: tc.proto, IdleTimeout: idleTestTimeout})
+			addr := startProxy(t, h, false).addr
+			c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pki.pool, ServerName: frontName, NextProtos: []string{"http/1.1"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			io.WriteString(c, "POST / HTTP/1.1\r\nHost: "+frontName+"\r\nContent-Length: 1000\r\n\r\n"+strings.Repeat("b", 10))
+			closed := make(chan error, 1)
+			go func() {
+				_, err := io.Copy(io.Discard, c)
+				closed <- err
+			}()
+			recv(t, closed, "the stalled client's connection to be closed")
+			testnet.WaitFor(t, "the backend handler to end", func() bool { return running.Load() == 0 })
+		})
+	}
+
+	// 64 KiB is more than the server buffers, 3 bytes stay in its
+	// buffer until the handler has returned.
+	for _, size := range []int{64 << 10, 3} {
+		t.Run(fmt.Sprintf("h2 client keeps its window shut, %d-byte response", size), func(t *testing.T) {
+			checkLeaks(t)
+			pki := newTestPKI(t)
+			be := startBackend(t, pki, beHTTP1, false, answeringBackend(size))
+			h := newTestHandler(t, pki, Options{Backend: be.addr, Protocol: "http1", IdleTimeout: idleTestTimeout})
+			p := dialRaw(t, pki, startProxy(t, h, false).addr, http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0})
+			p.get(1, "/")
+			closed := make(chan error, 1)
+			go func() {
+				// step answers the server's pings: the client is alive.
+				for {
+					if err := p.step(); err != nil {
+						closed <- err
+						return
+					}
+				}
+			}()
+			if err := recv(t, closed, "the stalled client's connection to be closed"); errors.Is(err, errNoFrame) {
+				t.Fatalf("the connection stayed open without a frame: %v", err)
+			}
+		})
+	}
 }

@@ -119,6 +119,7 @@ func (h *Handler) ServeConn(ctx context.Context, conn net.Conn, hello []byte, ci
 	}
 
 	c := h.newClientConn(ctx, ci)
+	c.conn = conn
 	defer c.finish()
 
 	// One http.Server per connection costs a few small allocations next
@@ -212,6 +213,7 @@ func addrPort(a net.Addr) netip.AddrPort {
 type clientConn struct {
 	h        *Handler
 	ci       ConnInfo
+	conn     net.Conn // the client's, closed by cutStalled
 	clientIP string
 	rt       backendTransport
 	pd       *proxyDialer // nil unless the route sends PROXY headers
@@ -226,6 +228,7 @@ type clientConn struct {
 	mu       sync.Mutex
 	handlers int
 	finished bool
+	draining *waitGuard    // watching what is left of an HTTP/1.1 request body
 	idle     chan struct{} // closed when finished and handlers reaches 0
 }
 
@@ -425,9 +428,24 @@ func (c *clientConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	h := c.h
 	start := time.Now()
-	rec := &statusRecorder{ResponseWriter: w, noInfo: !r.ProtoAtLeast(1, 1)}
+	guard := &waitGuard{timeout: h.idleTimeout, cut: c.cutStalled}
+	rec := &statusRecorder{ResponseWriter: w, noInfo: !r.ProtoAtLeast(1, 1), guard: guard}
+	var body *guardedBody
+	if r.Body != nil && r.Body != http.NoBody {
+		body = &guardedBody{ReadCloser: r.Body, g: guard}
+		r.Body = body
+	}
 	h.metrics.streamStarted()
+	if r.ProtoMajor == 1 {
+		c.setDraining(nil) // the last request's body was read to its end
+	}
 	defer func() {
+		if r.ProtoMajor == 1 && body != nil && !body.eof.Load() && !rec.hijacked {
+			guard.begin(&guard.draining)
+			c.setDraining(guard)
+		} else {
+			guard.stop()
+		}
 		h.metrics.streamDone()
 		h.metrics.requestDone(rec.status(), time.Since(start))
 	}()
@@ -454,6 +472,13 @@ func (c *clientConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			dropForbiddenTrailers(w.Header())
 		}
 	}
+	if r.ProtoMajor == 2 && rec.wroteBody {
+		// What is left buffered would otherwise be sent after the
+		// handler returns, unguarded, into a window that may never
+		// open. A response without a body is left alone (see
+		// FlushInterval in newClientConn).
+		rec.FlushError()
+	}
 }
 
 // dropForbiddenTrailers removes the trailers a backend sent undeclared
@@ -468,6 +493,25 @@ func dropForbiddenTrailers(h http.Header) {
 		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok && !httpguts.ValidTrailerHeader(name) {
 			delete(h, k)
 		}
+	}
+}
+
+// cutStalled closes the connection of a client a request waited on for
+// the idle timeout (see waitGuard).
+func (c *clientConn) cutStalled() {
+	c.h.log.Debug("client stalled a request for the idle timeout; closing its connection", "client", c.ci.Client)
+	c.conn.Close()
+}
+
+// setDraining stops the guard watching the rest of the last HTTP/1.1
+// request's body, if any, and sets g in its place.
+func (c *clientConn) setDraining(g *waitGuard) {
+	c.mu.Lock()
+	old := c.draining
+	c.draining = g
+	c.mu.Unlock()
+	if old != nil {
+		old.stop()
 	}
 }
 
@@ -511,6 +555,7 @@ func (c *clientConn) waitHandlers() {
 // or dead and can be closed.
 func (c *clientConn) finish() {
 	c.waitHandlers()
+	c.setDraining(nil)
 	c.cancel()
 	if c.pd != nil {
 		c.rt.CloseIdleConnections()
@@ -576,9 +621,11 @@ func (h *Handler) handleError(w http.ResponseWriter, r *http.Request, err error)
 // server's writer.
 type statusRecorder struct {
 	http.ResponseWriter
-	code     int
-	hijacked bool
-	noInfo   bool // an HTTP/1.0 client: no 1xx responses (RFC 9110, 15.2)
+	code      int
+	hijacked  bool
+	noInfo    bool       // an HTTP/1.0 client: no 1xx responses (RFC 9110, 15.2)
+	guard     *waitGuard // watches writes and flushes; nil: none
+	wroteBody bool
 }
 
 func (w *statusRecorder) WriteHeader(code int) {
@@ -603,7 +650,25 @@ func (w *statusRecorder) Write(p []byte) (int, error) {
 	if w.code == 0 {
 		w.code = http.StatusOK
 	}
+	if len(p) > 0 {
+		w.wroteBody = true
+	}
+	if w.guard == nil {
+		return w.ResponseWriter.Write(p)
+	}
+	w.guard.begin(&w.guard.writing)
+	defer w.guard.end(&w.guard.writing)
 	return w.ResponseWriter.Write(p)
+}
+
+// FlushError is what http.ResponseController (ReverseProxy's flushes)
+// finds first: a flush waits on the client as a write does.
+func (w *statusRecorder) FlushError() error {
+	if w.guard != nil {
+		w.guard.begin(&w.guard.writing)
+		defer w.guard.end(&w.guard.writing)
+	}
+	return http.NewResponseController(w.ResponseWriter).Flush()
 }
 
 func (w *statusRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
