@@ -212,17 +212,25 @@ func (l *eventLoop) run() {
 		return
 	}
 	events := make([]syscall.EpollEvent, 128)
+	// Every registration is edge-triggered, so a batch shorter than
+	// events emptied the ready list, and the next event makes the epoll
+	// descriptor readable again: wait then, without asking epoll_wait
+	// once more for nothing. An edge that comes while the batch is
+	// handled is kept by the poller for the wait, within one Read.
 	poll := func(uintptr) bool {
-		l.mu.Lock()
-		n := epollPoll(l.ep, events)
-		for _, ev := range events[:n] {
-			l.handle(ev)
+		for {
+			l.mu.Lock()
+			n := epollPoll(l.ep, events)
+			for _, ev := range events[:n] {
+				l.handle(ev)
+			}
+			l.mu.Unlock()
+			if n < len(events) {
+				return false
+			}
 		}
-		l.mu.Unlock()
-		return n > 0
 	}
-	for rc.Read(poll) == nil {
-	}
+	rc.Read(poll) // until stop closes the descriptor
 }
 
 // takeAfter returns the callbacks queued under mu, for the finisher to
