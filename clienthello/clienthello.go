@@ -147,8 +147,14 @@ func (p *Parser) Add(n int) (Hello, bool, error) {
 // EOF is the error for a client that closed its side before the
 // ClientHello was complete: what Read returns when its reader hits EOF.
 func (p *Parser) EOF() error {
-	if len(p.raw) == 0 {
-		return readErr(io.EOF, false)
+	// As io.ReadFull says it to Read: EOF where a step (a record's
+	// header, or its body) was to begin, unexpected EOF inside one.
+	step := p.recordStart
+	if p.need != step+recordHeaderLen {
+		step += recordHeaderLen
+	}
+	if len(p.raw) == step {
+		return readErr(io.EOF, len(p.raw) > 0)
 	}
 	return readErr(io.ErrUnexpectedEOF, true)
 }

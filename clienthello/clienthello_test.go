@@ -130,3 +130,36 @@ func TestReadNamesProxyHeader(t *testing.T) {
 		t.Errorf("Read(an HTTP request) = %v", err)
 	}
 }
+
+// TestParserEOFAsRead: a caller that drives the Parser itself (an event
+// loop reading a non-blocking socket a byte at a time) and meets the
+// client's EOF gets Parser.EOF's error, which must be the one Read
+// returns for the same bytes: an EOF between two reads Read makes is
+// "EOF", one inside a read "unexpected EOF".
+func TestParserEOFAsRead(t *testing.T) {
+	hello := splitRecord(testnet.ClientHello(t, &tls.Config{ServerName: "eof.example.com"}), 40)
+	for n := range len(hello) {
+		in := hello[:n]
+		_, want := Read(bytes.NewReader(in), nil)
+		if want == nil {
+			t.Fatalf("%d bytes: Read returned no error", n)
+		}
+		p := NewParser(nil)
+		r := bytes.NewReader(in)
+		var got error
+		for got == nil {
+			buf := p.Want()[:1]
+			k, err := r.Read(buf)
+			if err == io.EOF {
+				got = p.EOF()
+				break
+			}
+			if _, done, err := p.Add(k); err != nil || done {
+				t.Fatalf("%d bytes: Add = done %v, %v", n, done, err)
+			}
+		}
+		if got.Error() != want.Error() {
+			t.Errorf("%d bytes: Parser.EOF = %q, Read = %q", n, got, want)
+		}
+	}
+}

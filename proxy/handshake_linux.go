@@ -235,11 +235,15 @@ func (l *eventLoop) adoptHandshake(a *accepted, fd int) bool {
 	if t := a.lc.handshakeTimeout; t > 0 {
 		l.queue(t, true).push(c)
 	}
+	// Set the hook before the handshake can go on: once it is handed
+	// over (handOver), a relay in another loop sets its own, which a
+	// later store of c would overwrite, leaving that relay uncut by a
+	// hard shutdown.
+	a.socks.loop.Store(c)
 	l.readHello(c)
 	l.mu.Unlock()
 	// A hard shutdown that began before the hook was set has found
 	// nothing to close: cut here.
-	a.socks.loop.Store(c)
 	if a.socks.closing.Load() {
 		c.cut()
 	}
@@ -270,7 +274,8 @@ func (l *eventLoop) readHello(c *loopConn) {
 			c.sock[0].readable = false
 			return
 		case err != nil:
-			l.refuse(c, reasonBadClientHello, fmt.Errorf("%w: %v", clienthello.ErrNotClientHello, os.NewSyscallError("read", err)))
+			err = sockError("read", localAddr(int(c.fd[0])), hs.a.client, err)
+			l.refuse(c, reasonBadClientHello, fmt.Errorf("%w: %v", clienthello.ErrNotClientHello, err))
 			return
 		case n == 0:
 			l.refuse(c, reasonBadClientHello, hs.parser.EOF())
@@ -356,16 +361,22 @@ func dialRaw(addr netip.AddrPort) (int, error) {
 		in := (*syscall.RawSockaddrInet6)(unsafe.Pointer(&sa))
 		in.Family, in.Port, in.Addr = syscall.AF_INET6, htons(addr.Port()), addr.Addr().As16()
 	}
-	for {
-		_, _, e = syscall.RawSyscall(syscall.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&sa)), size)
-		if e != syscall.EINTR {
-			break
-		}
-	}
-	if e != 0 && e != syscall.EINPROGRESS {
+	_, _, e = syscall.RawSyscall(syscall.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&sa)), size)
+	switch e {
+	case 0, syscall.EINPROGRESS:
+	case syscall.EINTR:
+		// As net: the connect goes on asynchronously, and its EPOLLOUT
+		// comes. Another connect would fail with EALREADY.
+	default:
 		return fd, os.NewSyscallError("connect", e)
 	}
 	return fd, nil
+}
+
+// sockError says what net's Read or Write on a socket from local to
+// remote would have said of errno.
+func sockError(op string, local, remote netip.AddrPort, errno error) error {
+	return &net.OpError{Op: op, Net: "tcp", Source: net.TCPAddrFromAddrPort(local), Addr: net.TCPAddrFromAddrPort(remote), Err: os.NewSyscallError(op, errno)}
 }
 
 // dialError says what net's dial would have said.
@@ -408,7 +419,7 @@ func (l *eventLoop) sendHello(c *loopConn) {
 			c.sock[1].writable = false
 			return
 		case err != nil:
-			l.refuse(c, reasonBackendUnreachable, os.NewSyscallError("write", err))
+			l.refuse(c, reasonBackendUnreachable, sockError("write", localAddr(int(c.fd[1])), hs.r.backendAddr, err))
 			return
 		}
 		hs.out = hs.out[n:]
@@ -518,7 +529,7 @@ func (l *eventLoop) expire(c *loopConn) {
 		l.refuse(c, reasonBackendUnreachable, dialError(c.hs.r, os.ErrDeadlineExceeded))
 		return
 	}
-	l.refuse(c, reasonHandshakeTimeout, errHandshakeTimeout)
+	// As net's read past the deadline says it.
+	err := &net.OpError{Op: "read", Net: "tcp", Source: net.TCPAddrFromAddrPort(localAddr(int(c.fd[0]))), Addr: net.TCPAddrFromAddrPort(c.hs.a.client), Err: os.ErrDeadlineExceeded}
+	l.refuse(c, reasonHandshakeTimeout, err)
 }
-
-var errHandshakeTimeout = fmt.Errorf("no ClientHello within handshake_timeout: %w", os.ErrDeadlineExceeded)

@@ -123,3 +123,40 @@ func TestProxyProtocolTurnedOnWhileAccepting(t *testing.T) {
 		t.Fatalf("backend saw %+v, want a PROXY header from %v", got, ppSrc4)
 	}
 }
+
+// TestClientResetInLoopWordedAsNet: a client that resets its connection
+// before its ClientHello is complete is logged as bad_client_hello with
+// the words the net path's read gives it (operation, addresses, errno).
+func TestClientResetInLoopWordedAsNet(t *testing.T) {
+	h, logs := startLoggedProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nhandshake_timeout = \"1m\"\n"+routeTOML("x.test", "127.0.0.1:1"))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := c.LocalAddr().String()
+	testnet.WaitFor(t, "the connection accepted", func() bool { return h.srv.live.Load() == 1 })
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+	line := logs.waitLine(t, "reason", "bad_client_hello")
+	want := fmt.Sprintf("clienthello: not a TLS ClientHello: read tcp %s->%s: read: connection reset by peer", h.addr("l"), client)
+	if err, _ := line["err"].(string); err != want {
+		t.Fatalf("logged err %q, want %q", err, want)
+	}
+}
+
+// TestHandshakeTimeoutInLoopWordedAsNet: a client that sends no
+// ClientHello within handshake_timeout is logged as handshake_timeout
+// with the words of the net path's read deadline.
+func TestHandshakeTimeoutInLoopWordedAsNet(t *testing.T) {
+	h, logs := startLoggedProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nhandshake_timeout = \"50ms\"\n"+routeTOML("x.test", "127.0.0.1:1"))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	line := logs.waitLine(t, "reason", "handshake_timeout")
+	want := fmt.Sprintf("read tcp %s->%s: i/o timeout", h.addr("l"), c.LocalAddr())
+	if err, _ := line["err"].(string); err != want {
+		t.Fatalf("logged err %q, want %q", err, want)
+	}
+}

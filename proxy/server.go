@@ -392,14 +392,18 @@ func (s *Server) serveListener(rl *runningListener) {
 		// Only this goroutine increments active, so check-then-add
 		// cannot overshoot the cap.
 		if lc.maxConns > 0 && rl.active.Load() >= lc.maxConns {
+			// The peer is the client unless a PROXY header, not read
+			// at the cap, would have named another (proxy_protocol
+			// may have come with a reload while a bare accept waited).
+			var client netip.AddrPort
 			if c == nil {
+				if !lc.proxyProtocol {
+					client = peer
+				}
 				resetFD(fd)
-				s.rejected(rl, lc, reasonMaxConnections, peer, nil)
+				s.rejected(rl, lc, reasonMaxConnections, client, nil)
 				continue
 			}
-			// The peer is the client unless a PROXY header, not read
-			// at the cap, would have named another.
-			var client netip.AddrPort
 			if !lc.proxyProtocol {
 				client = c.RemoteAddr().(*net.TCPAddr).AddrPort()
 			}
