@@ -345,9 +345,11 @@ func rawIO(trap uintptr, fd int, p []byte) (int, error) {
 	return int(r), nil
 }
 
-// epollPoll returns the events ready now, without waiting.
+// epollPoll returns the events ready now, without waiting. It is
+// epoll_pwait with no signal mask, which is epoll_wait: arm64 has only
+// the former.
 func epollPoll(ep int, events []syscall.EpollEvent) int {
-	r, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_WAIT, uintptr(ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	r, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_PWAIT, uintptr(ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
 	if e != 0 {
 		return 0
 	}
