@@ -151,16 +151,29 @@ func closeFD(fd int) { syscall.RawSyscall(syscall.SYS_CLOSE, uintptr(fd), 0, 0) 
 
 // resetFD closes fd with a reset, as reject does through net.
 func resetFD(fd int) {
+	lingerZero(fd)
+	closeFD(fd)
+}
+
+// lingerZero makes the close of fd's socket a reset.
+func lingerZero(fd int) {
 	l := syscall.Linger{Onoff: 1, Linger: 0}
 	syscall.RawSyscall6(syscall.SYS_SETSOCKOPT, uintptr(fd), syscall.SOL_SOCKET, syscall.SO_LINGER, uintptr(unsafe.Pointer(&l)), unsafe.Sizeof(l), 0)
-	closeFD(fd)
 }
 
 // netConn makes a *net.TCPConn of fd, for what a loop hands to
 // goroutines. fd itself is closed either way: net keeps a duplicate.
-func netConn(fd int) (*net.TCPConn, error) {
+// If net cannot make one (out of descriptors) and reset is set, fd goes
+// with a reset: the client of a connection dropped so must learn at
+// once, as one turned away does, not read an orderly close as the
+// server's answer. (Not for a duplicate of a socket that stays open:
+// the option would outlive it.)
+func netConn(fd int, reset bool) (*net.TCPConn, error) {
 	f := os.NewFile(uintptr(fd), "")
 	c, err := net.FileConn(f)
+	if err != nil && reset {
+		lingerZero(fd)
+	}
 	f.Close()
 	if err != nil {
 		return nil, err
@@ -182,7 +195,7 @@ func (s *Server) serveRaw(snap *Snapshot, lc *listenerConfig, rl *runningListene
 	if l := s.loops.pick(); l != nil && l.adoptHandshake(a, fd) {
 		return
 	}
-	c, err := netConn(fd)
+	c, err := netConn(fd, true)
 	if err != nil {
 		s.rejectLog.log(s.log, slog.LevelError, "accept", "connection dropped", "listener", lc.name, "client", peer, "err", err)
 		a.end()
@@ -462,7 +475,7 @@ func (l *eventLoop) handOver(c *loopConn) {
 	a, r := hs.a, hs.r
 	l.do(c, 0, opRemove)
 	l.leave(c)
-	nc, err := netConn(int(c.fd[0]))
+	nc, err := netConn(int(c.fd[0]), true)
 	if err != nil {
 		hs.release()
 		l.later(func() {

@@ -2,10 +2,12 @@ package proxy
 
 import (
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -158,5 +160,42 @@ func TestHandshakeTimeoutInLoopWordedAsNet(t *testing.T) {
 	want := fmt.Sprintf("read tcp %s->%s: i/o timeout", h.addr("l"), c.LocalAddr())
 	if err, _ := line["err"].(string); err != want {
 		t.Fatalf("logged err %q, want %q", err, want)
+	}
+}
+
+// TestHandOverOutOfDescriptorsResets: a connection the loop hands to a
+// goroutine (here for a backend named by host name) needs one
+// descriptor more, for the duplicate net makes. Without it the
+// connection is dropped, and the client must learn so at once, by a
+// reset as every connection turned away does, not by an orderly close
+// it would read as the server's answer to its ClientHello.
+func TestHandOverOutOfDescriptorsResets(t *testing.T) {
+	hello := clientHelloBytes(t, &tls.Config{ServerName: "name.test"})
+	backend := echoBackend(t, hello)
+	_, port, _ := net.SplitHostPort(backend)
+	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n"+routeTOML("name.test", "localhost:"+port))
+	// The first connection starts the loops while descriptors are free,
+	// and is turned away in one, which closes its socket before counting
+	// it: nothing of it is left to free a descriptor later.
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write(clientHelloBytes(t, &tls.Config{ServerName: "other.test"}))
+	testnet.WaitFor(t, "the first connection turned away", func() bool { return h.rejected("l", "no_route") == 1 })
+	c.Close()
+	c, err = net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	testnet.WaitFor(t, "the second accept", func() bool { return h.srv.Status()[0].Total == 2 })
+	exhaustDescriptors(t)
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read %d bytes, %v; want a reset", n, err)
 	}
 }

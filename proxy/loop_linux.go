@@ -834,7 +834,7 @@ func (l *eventLoop) takeNet(c *loopConn) bool {
 	for i, fd := range c.fd {
 		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 		if err == nil {
-			conns[i], err = netConn(dup)
+			conns[i], err = netConn(dup, false)
 		}
 		if err != nil {
 			if conns[0] != nil {

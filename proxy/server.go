@@ -421,7 +421,7 @@ func (s *Server) serveListener(rl *runningListener) {
 		if c == nil {
 			// proxy_protocol came with a reload while the accept
 			// waited: the header is serveConn's to read.
-			if c, err = netConn(fd); err != nil {
+			if c, err = netConn(fd, true); err != nil {
 				s.rejectLog.log(s.log, slog.LevelError, "accept", "connection dropped", "listener", lc.name, "client", peer, "err", err)
 				rl.active.Add(-1)
 				lc.m.active.Dec()
