@@ -165,6 +165,13 @@ func newEventLoop() (*eventLoop, error) {
 }
 
 func (l *eventLoop) stop() {
+	l.mu.Lock()
+	for _, qs := range []map[time.Duration]*idleQueue{l.idleQs, l.deadlineQs} {
+		for _, q := range qs {
+			q.timer.Stop()
+		}
+	}
+	l.mu.Unlock()
 	l.file.Close()
 	<-l.done
 	close(l.quit)
@@ -463,17 +470,26 @@ func (c *loopConn) cut() {
 //
 // A deadline queue (deadline set) holds handshakes instead, each due
 // once, idle after it joined: the ClientHello's or the dial's timeout.
+//
+// The timer is left running when the queue empties, and the queue in
+// its map: most connections are short, so a queue empties and fills
+// again many times a second, and a timer made or reset for each one
+// costs the runtime's timer heap, and often a wakeup of the thread
+// waiting in the poller, per connection. A timer that fires early finds
+// nothing due and is set for the head; one that finds the queue empty
+// retires it.
 type idleQueue struct {
 	l        *eventLoop
 	idle     time.Duration
 	deadline bool
 	head     loopConn // sentinel: head.next is the first due
 	timer    *time.Timer
+	armed    bool // timer set and not yet fired
 }
 
 // queue returns the idle queue, or the deadline queue, for d, making it
-// if need be. Queues go when their last connection does, so there are
-// only as many as the timeouts of live connections.
+// if need be. A queue goes when its timer finds it empty, so there are
+// only as many as the timeouts of connections queued lately.
 func (l *eventLoop) queue(d time.Duration, deadline bool) *idleQueue {
 	qs := l.queues(deadline)
 	q := qs[d]
@@ -515,18 +531,17 @@ func (q *idleQueue) push(c *loopConn) {
 	c.prev, c.next = q.head.prev, &q.head
 	q.head.prev.next = c
 	q.head.prev = c
-	if c.prev == &q.head {
+	// An armed timer fires no later than c is due: it was set for a
+	// connection queued before c.
+	if !q.armed {
 		q.timer.Reset(tick)
+		q.armed = true
 	}
 }
 
 func (q *idleQueue) remove(c *loopConn) {
 	c.prev.next, c.next.prev = c.next, c.prev
 	c.prev, c.next, c.idleQ = nil, nil, nil
-	if q.head.next == &q.head {
-		q.timer.Stop()
-		delete(q.l.queues(q.deadline), q.idle)
-	}
 }
 
 // fire checks the relays now due: one that moved nothing on either
@@ -535,6 +550,9 @@ func (q *idleQueue) remove(c *loopConn) {
 func (q *idleQueue) fire() {
 	l := q.l
 	l.mu.Lock()
+	// The timer is set once, below, for the head; relays queued again
+	// on the way must not set it for their own, later, check.
+	q.armed = true
 	now := l.now()
 	tick := q.tick()
 	for c := q.head.next; c != &q.head && c.due <= now; c = q.head.next {
@@ -557,13 +575,15 @@ func (q *idleQueue) fire() {
 			l.end(c, "idle_timeout")
 			continue
 		}
-		if l.idleQs[q.idle] == nil {
-			l.idleQs[q.idle] = q // remove dropped the emptied queue
-		}
 		q.push(c)
 	}
 	if first := q.head.next; first != &q.head {
 		q.timer.Reset(max(first.due-now, 0))
+	} else {
+		q.armed = false
+		if qs := l.queues(q.deadline); qs[q.idle] == q {
+			delete(qs, q.idle) // found empty when its timer fired: retired
+		}
 	}
 	l.mu.Unlock()
 }

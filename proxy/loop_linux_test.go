@@ -141,8 +141,8 @@ func TestLoopRelayCut(t *testing.T) {
 
 // TestLoopIdleQueues: relays with different idle timeouts share a loop,
 // each timeout with a queue of its own. A silent relay is closed by its
-// own timeout and not by another's; a queue goes with its last relay
-// and comes back with the next one.
+// own timeout and not by another's; a queue left empty goes when its
+// timer next fires, and comes back with the next relay.
 func TestLoopIdleQueues(t *testing.T) {
 	var ls eventLoops
 	defer ls.stop()
@@ -191,10 +191,20 @@ func TestLoopIdleQueues(t *testing.T) {
 		c.cut() // closed sockets bring no event; the hard shutdown's path
 	}
 	waitEnd(long, "closed")
+	// The hour's queue would fire in 15 minutes: fire it now.
+	l.mu.Lock()
+	var left []*idleQueue
+	for _, q := range l.idleQs {
+		left = append(left, q)
+	}
+	l.mu.Unlock()
+	for _, q := range left {
+		q.fire()
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if n := len(l.idleQs); n != 0 {
-		t.Fatalf("%d idle queues left with no relay", n)
+		t.Fatalf("%d idle queues left with no relay after their timers fired", n)
 	}
 }
 
@@ -466,4 +476,44 @@ func testSockets(client *net.TCPConn) *sockets {
 	s := &sockets{}
 	s.setClient(client)
 	return s
+}
+
+// TestLoopIdleQueueOutlivesItsRelays: short relays one after another
+// share their loop's queue: it is not dropped and made again (with a
+// new timer) each time it empties, only once its timer finds it empty.
+func TestLoopIdleQueueOutlivesItsRelays(t *testing.T) {
+	var ls eventLoops
+	defer ls.stop()
+	l := ls.pick()
+	noPipe := prometheus.NewCounter(prometheus.CounterOpts{Name: "x"})
+	queueOf := func() *idleQueue {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return l.idleQs[time.Hour]
+	}
+	var first *idleQueue
+	for i := range 3 {
+		client, proxyClient := tcpPair(t)
+		proxyBackend, backend := tcpPair(t)
+		done := make(chan relayResult, 1)
+		if !l.adopt(testSockets(proxyClient), proxyClient, proxyBackend, time.Hour, noPipe, func(r relayResult) { done <- r }) {
+			t.Fatal("the loop refused the relay")
+		}
+		if i == 0 {
+			first = queueOf()
+		} else if q := queueOf(); q != first {
+			t.Fatalf("relay %d got a new queue (%p, first %p)", i, q, first)
+		}
+		client.Close()
+		backend.Close()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Fatal("relay did not end")
+		}
+	}
+	first.fire() // as its timer would, a quarter hour on
+	if q := queueOf(); q != nil {
+		t.Fatal("the empty queue outlived its timer's firing")
+	}
 }
