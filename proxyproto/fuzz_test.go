@@ -88,6 +88,13 @@ func checkRead(t *testing.T, data []byte) {
 	if fmt.Sprint(err) != fmt.Sprint(err1) || !reflect.DeepEqual(h, h1) {
 		t.Fatalf("Read depends on read sizes: %+v, %v vs one byte at a time %+v, %v", h, err, h1, err1)
 	}
+	// The Parser, fed as an event loop feeds it, is Read.
+	for _, chunk := range []int{1, 7} {
+		hp, errp, n := feed(in, chunk)
+		if fmt.Sprint(err) != fmt.Sprint(errp) || !reflect.DeepEqual(h, hp) || (err == nil && n != cr.n) {
+			t.Fatalf("Parser in %d-byte pieces: %+v, %v after %d bytes; Read: %+v, %v after %d", chunk, hp, errp, n, h, err, cr.n)
+		}
+	}
 	if err != nil {
 		if h != nil {
 			t.Fatalf("Read returned header %+v with error %v", h, err)
