@@ -97,11 +97,16 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 	a := s.newAccepted(snap, lc, rl, peer)
 	a.local = local
 	a.socks.setClient(c)
-
 	c.SetReadDeadline(a.start.Add(lc.handshakeTimeout))
+	s.handshake(a, c)
+}
+
+// handshake runs serveConn's stages on c, whose read deadline is set.
+func (s *Server) handshake(a *accepted, c *net.TCPConn) {
+	lc := a.lc
 	if lc.proxyProtocol {
-		if !containsAddr(lc.trusted, peer.Addr()) {
-			s.reject(rl, lc, c, reasonBadProxyHeader, peer, errors.New("sender not in proxy_protocol_trusted"))
+		if !a.trustedSender() {
+			s.reject(a.rl, lc, c, reasonBadProxyHeader, a.client, errUntrustedSender)
 			a.end()
 			return
 		}
@@ -111,20 +116,31 @@ func (s *Server) serveConn(snap *Snapshot, lc *listenerConfig, rl *runningListen
 			a.end()
 			return
 		}
-		if h.Command == proxyproto.Proxy && h.Source.IsValid() {
-			a.client = netip.AddrPortFrom(h.Source.Addr().Unmap(), h.Source.Port())
-			// Pass on the address the client originally connected to,
-			// as HAProxy does, not our own hop's.
-			a.local = netip.AddrPortFrom(h.Destination.Addr().Unmap(), h.Destination.Port())
-		}
+		a.takeHeader(h)
 	}
 	if why, ok := a.admit(); !ok {
-		s.reject(rl, lc, c, why, a.client, nil)
+		s.reject(a.rl, lc, c, why, a.client, nil)
 		a.end()
 		return
 	}
 	if !s.readHello(a, c) {
 		a.end()
+	}
+}
+
+var errUntrustedSender = errors.New("sender not in proxy_protocol_trusted")
+
+// trustedSender says whether the peer may send a PROXY header. Called
+// before the header is read, when client is still the peer.
+func (a *accepted) trustedSender() bool { return containsAddr(a.lc.trusted, a.client.Addr()) }
+
+// takeHeader makes a PROXY header's addresses the connection's.
+func (a *accepted) takeHeader(h *proxyproto.Header) {
+	if h.Command == proxyproto.Proxy && h.Source.IsValid() {
+		a.client = netip.AddrPortFrom(h.Source.Addr().Unmap(), h.Source.Port())
+		// Pass on the address the client originally connected to,
+		// as HAProxy does, not our own hop's.
+		a.local = netip.AddrPortFrom(h.Destination.Addr().Unmap(), h.Destination.Port())
 	}
 }
 

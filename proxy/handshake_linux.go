@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -13,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/portcullis/portcullis/clienthello"
+	"github.com/portcullis/portcullis/proxyproto"
 )
 
 // Connections to a listener without proxy_protocol are accepted as bare
@@ -26,9 +28,11 @@ import (
 // wakes the scheduler's monitor thread, which then runs every 20 µs
 // until the process is idle again. bench/README.md has the numbers.
 //
+// On a proxy_protocol listener the loop reads the PROXY header first
+// (proxyproto.Parser), and the firewall runs once it names the client.
 // What a loop does not serve itself goes to a goroutine through net:
 // an L7 route, and a backend named by host name (dialing it resolves
-// the name). A PROXY header is read in serveConn, as before.
+// the name).
 
 // rawListener is a duplicate descriptor of a listening socket, set up
 // with the runtime's poller as an *os.File: net's listener has no
@@ -186,9 +190,20 @@ func netConn(fd int, reset bool) (*net.TCPConn, error) {
 // goroutine when no loop can take it.
 func (s *Server) serveRaw(snap *Snapshot, lc *listenerConfig, rl *runningListener, fd int, peer netip.AddrPort) {
 	a := s.newAccepted(snap, lc, rl, peer)
-	if why, ok := a.admit(); !ok {
+	// Without a PROXY header the firewall can judge the peer at once;
+	// with one, the loop does once it has the header.
+	why, ok := reasonBadProxyHeader, true
+	var err error
+	if lc.proxyProtocol {
+		if ok = a.trustedSender(); !ok {
+			err = errUntrustedSender
+		}
+	} else {
+		why, ok = a.admit()
+	}
+	if !ok {
 		resetFD(fd)
-		s.rejected(rl, lc, why, peer, nil)
+		s.rejected(rl, lc, why, peer, err)
 		a.end()
 		return
 	}
@@ -204,6 +219,10 @@ func (s *Server) serveRaw(snap *Snapshot, lc *listenerConfig, rl *runningListene
 	a.socks.setClient(c)
 	go func() {
 		c.SetReadDeadline(a.start.Add(lc.handshakeTimeout))
+		if lc.proxyProtocol {
+			s.handshake(a, c) // the sender was found trusted above; handshake checks again
+			return
+		}
 		if !s.readHello(a, c) {
 			a.end()
 		}
@@ -215,7 +234,8 @@ func (s *Server) serveRaw(snap *Snapshot, lc *listenerConfig, rl *runningListene
 type loopHandshake struct {
 	a         *accepted
 	step      int
-	bufp      *[]byte // the pooled buffer the ClientHello is read into
+	pp        *proxyproto.Parser // the PROXY header, on a proxy_protocol listener
+	bufp      *[]byte            // the pooled buffer the ClientHello is read into
 	parser    clienthello.Parser
 	hello     clienthello.Hello
 	r         *route
@@ -224,7 +244,8 @@ type loopHandshake struct {
 }
 
 const (
-	stepHello = iota // reading the ClientHello
+	stepProxy = iota // reading the PROXY header
+	stepHello        // reading the ClientHello
 	stepDial         // waiting for the backend's connect
 	stepSend         // writing out to the backend
 )
@@ -233,7 +254,10 @@ const (
 // reports false if it could not register it; the caller still owns fd.
 func (l *eventLoop) adoptHandshake(a *accepted, fd int) bool {
 	bufp := helloBufs.Get().(*[]byte)
-	hs := &loopHandshake{a: a, bufp: bufp, parser: clienthello.NewParser(*bufp)}
+	hs := &loopHandshake{a: a, step: stepHello, bufp: bufp, parser: clienthello.NewParser(*bufp)}
+	if a.lc.proxyProtocol {
+		hs.step, hs.pp = stepProxy, &proxyproto.Parser{}
+	}
 	c := &loopConn{l: l, raw: true, fd: [2]int32{int32(fd), -1}, hs: hs, socks: a.socks, idle: a.lc.idleTimeout, noPipe: a.s.metrics.noPipe}
 	// Whatever arrived before the registration brings no edge: try it.
 	c.sock[0].readable, c.sock[0].writable = true, true
@@ -253,7 +277,7 @@ func (l *eventLoop) adoptHandshake(a *accepted, fd int) bool {
 	// later store of c would overwrite, leaving that relay uncut by a
 	// hard shutdown.
 	a.socks.loop.Store(c)
-	l.readHello(c)
+	l.handshake(c)
 	l.mu.Unlock()
 	// A hard shutdown that began before the hook was set has found
 	// nothing to close: cut here.
@@ -267,6 +291,8 @@ func (l *eventLoop) adoptHandshake(a *accepted, fd int) bool {
 // mu.
 func (l *eventLoop) handshake(c *loopConn) {
 	switch c.hs.step {
+	case stepProxy:
+		l.readProxy(c)
 	case stepHello:
 		l.readHello(c)
 	case stepDial:
@@ -275,6 +301,47 @@ func (l *eventLoop) handshake(c *loopConn) {
 		}
 	case stepSend:
 		l.sendHello(c)
+	}
+}
+
+// readProxy reads the PROXY header, then runs the firewall on the
+// client it names and goes on to the ClientHello.
+func (l *eventLoop) readProxy(c *loopConn) {
+	hs := c.hs
+	a := hs.a
+	for {
+		h, done, err := hs.pp.Step()
+		if done {
+			if err != nil {
+				l.refuse(c, reasonBadProxyHeader, err)
+				return
+			}
+			a.takeHeader(h)
+			hs.pp = nil
+			if why, ok := a.admit(); !ok {
+				l.refuse(c, why, nil)
+				return
+			}
+			hs.step = stepHello
+			l.readHello(c)
+			return
+		}
+		if !c.sock[0].readable {
+			return
+		}
+		n, err := l.read(c, 0, hs.pp.Want())
+		switch {
+		case err == syscall.EAGAIN:
+			c.sock[0].readable = false
+			return
+		case err != nil:
+			l.refuse(c, reasonBadProxyHeader, hs.pp.End(sockError("read", localAddr(int(c.fd[0])), a.client, err)))
+			return
+		case n == 0:
+			l.refuse(c, reasonBadProxyHeader, hs.pp.End(io.EOF))
+			return
+		}
+		hs.pp.Add(n)
 	}
 }
 
@@ -322,7 +389,7 @@ func (l *eventLoop) routeHello(c *loopConn) {
 		l.handOver(c)
 		return
 	}
-	if r.sendProxy {
+	if r.sendProxy && !a.local.IsValid() { // a PROXY header may have named it
 		a.local = localAddr(int(c.fd[0]))
 	}
 	hs.out = proxyAndHello(r, a, hs.hello)
@@ -543,6 +610,9 @@ func (l *eventLoop) expire(c *loopConn) {
 		return
 	}
 	// As net's read past the deadline says it.
-	err := &net.OpError{Op: "read", Net: "tcp", Source: net.TCPAddrFromAddrPort(localAddr(int(c.fd[0]))), Addr: net.TCPAddrFromAddrPort(c.hs.a.client), Err: os.ErrDeadlineExceeded}
+	var err error = &net.OpError{Op: "read", Net: "tcp", Source: net.TCPAddrFromAddrPort(localAddr(int(c.fd[0]))), Addr: net.TCPAddrFromAddrPort(c.hs.a.client), Err: os.ErrDeadlineExceeded}
+	if c.hs.step == stepProxy {
+		err = c.hs.pp.End(err)
+	}
 	l.refuse(c, reasonHandshakeTimeout, err)
 }

@@ -14,31 +14,37 @@ import (
 	"github.com/portcullis/portcullis/testnet"
 )
 
-// TestHandshakesHoldNoGoroutine: connections to a listener without
-// proxy_protocol wait for their ClientHello in an event loop, not in a
-// goroutine each.
+// TestHandshakesHoldNoGoroutine: connections wait for their PROXY
+// header or ClientHello in an event loop, not in a goroutine each.
 func TestHandshakesHoldNoGoroutine(t *testing.T) {
 	const n = 200
-	h := startProxy(t, "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nhandshake_timeout = \"1m\"\n"+routeTOML("x.test", "127.0.0.1:1"))
-	addr := h.addr("l")
-	// One connection first, so the loops have started.
-	first, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer first.Close()
-	testnet.WaitFor(t, "the first accepted", func() bool { return h.srv.live.Load() == 1 })
-	before := runtime.NumGoroutine()
-	for range n {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-	}
-	testnet.WaitFor(t, "every connection accepted", func() bool { return h.srv.live.Load() == n+1 })
-	if grew := runtime.NumGoroutine() - before; grew > n/10 {
-		t.Fatalf("%d goroutines more for %d connections waiting for their ClientHello, want about none", grew, n)
+	for _, tc := range []struct{ name, toml string }{
+		{"plain", "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\nhandshake_timeout = \"1m\"\n" + routeTOML("x.test", "127.0.0.1:1")},
+		{"proxy_protocol", ppListenerTOML("l", "x.test", "127.0.0.1:1", `handshake_timeout = "1m"`)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := startProxy(t, tc.toml)
+			addr := h.addr("l")
+			// One connection first, so the loops have started.
+			first, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer first.Close()
+			testnet.WaitFor(t, "the first accepted", func() bool { return h.srv.live.Load() == 1 })
+			before := runtime.NumGoroutine()
+			for range n {
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+			}
+			testnet.WaitFor(t, "every connection accepted", func() bool { return h.srv.live.Load() == n+1 })
+			if grew := runtime.NumGoroutine() - before; grew > n/10 {
+				t.Fatalf("%d goroutines more for %d connections waiting for their first bytes, want about none", grew, n)
+			}
+		})
 	}
 }
 
@@ -197,5 +203,23 @@ func TestHandOverOutOfDescriptorsResets(t *testing.T) {
 	}
 	if n, err := c.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("client read %d bytes, %v; want a reset", n, err)
+	}
+}
+
+// TestProxyHeaderTimeoutInLoopWordedAsNet: a trusted sender that stops
+// inside its PROXY header is turned away at handshake_timeout, logged
+// with the words of the net path's PROXY reader.
+func TestProxyHeaderTimeoutInLoopWordedAsNet(t *testing.T) {
+	h, logs := startLoggedProxy(t, ppListenerTOML("l", "x.test", "127.0.0.1:1", `handshake_timeout = "50ms"`))
+	c, err := net.Dial("tcp", h.addr("l"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("PROXY TCP4 203.0.113.9"))
+	line := logs.waitLine(t, "reason", "handshake_timeout")
+	want := fmt.Sprintf("proxyproto: reading header: read tcp %s->%s: i/o timeout", h.addr("l"), c.LocalAddr())
+	if err, _ := line["err"].(string); err != want {
+		t.Fatalf("logged err %q, want %q", err, want)
 	}
 }

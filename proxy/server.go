@@ -345,11 +345,10 @@ func (rl *runningListener) close() {
 	rl.raw.close()
 }
 
-// serveListener is the accept loop of one socket. Connections to a
-// listener with proxy_protocol, and every connection off Linux, are
-// accepted through net and served by serveConn in a goroutine each;
-// on Linux the others are accepted as bare descriptors and go to an
-// event loop (serveRaw).
+// serveListener is the accept loop of one socket. On Linux it accepts
+// bare descriptors, which go to an event loop (serveRaw); elsewhere it
+// accepts through net, and serveConn serves each connection in a
+// goroutine.
 func (s *Server) serveListener(rl *runningListener) {
 	defer close(rl.done)
 	var backoff time.Duration
@@ -358,7 +357,7 @@ func (s *Server) serveListener(rl *runningListener) {
 		var fd int
 		var peer netip.AddrPort
 		var err error
-		if lc := s.current.Load().listeners[rl.addr]; rl.raw.ok() && lc != nil && !lc.proxyProtocol {
+		if rl.raw.ok() {
 			fd, peer, err = rl.raw.accept()
 		} else {
 			c, err = rl.ln.AcceptTCP()
@@ -393,8 +392,7 @@ func (s *Server) serveListener(rl *runningListener) {
 		// cannot overshoot the cap.
 		if lc.maxConns > 0 && rl.active.Load() >= lc.maxConns {
 			// The peer is the client unless a PROXY header, not read
-			// at the cap, would have named another (proxy_protocol
-			// may have come with a reload while a bare accept waited).
+			// at the cap, would have named another.
 			var client netip.AddrPort
 			if c == nil {
 				if !lc.proxyProtocol {
@@ -414,21 +412,9 @@ func (s *Server) serveListener(rl *runningListener) {
 		lc.m.active.Inc()
 		s.conns.Add(1)
 		s.live.Add(1)
-		if c == nil && !lc.proxyProtocol {
+		if c == nil {
 			s.serveRaw(snap, lc, rl, fd, peer)
 			continue
-		}
-		if c == nil {
-			// proxy_protocol came with a reload while the accept
-			// waited: the header is serveConn's to read.
-			if c, err = netConn(fd, true); err != nil {
-				s.rejectLog.log(s.log, slog.LevelError, "accept", "connection dropped", "listener", lc.name, "client", peer, "err", err)
-				rl.active.Add(-1)
-				lc.m.active.Dec()
-				s.live.Add(-1)
-				s.conns.Done()
-				continue
-			}
 		}
 		go s.serveConn(snap, lc, rl, c)
 	}
