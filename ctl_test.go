@@ -365,14 +365,8 @@ func openIntact(t *testing.T, path string) *sql.DB {
 // ends the TLS connection of a client without a certificate, and what
 // the client sees names no certificate, so ctl says what is missing.
 func TestCtlNamesMissingClientCertificate(t *testing.T) {
-	serverCA, clientCA := testpki.NewCA(t), testpki.NewCA(t)
-	server := serverCA.Leaf(t, "127.0.0.1")
+	adminAddr, serverCA, clientCA := startMutualTLSAdmin(t)
 	ops := clientCA.Leaf(t, "ops.example")
-	adminAddr := freeAddr(t)
-	env := newEnv(t)
-	env.admin = fmt.Sprintf("listen = %q\ntls_cert = %q\ntls_key = %q\nclient_ca = %q\n", adminAddr, server.CertFile, server.KeyFile, clientCA.CertFile)
-	env.writeConfig(t, "5s", l4Listener(freeAddr(t), "app.test", testnet.NamedBackend(t, "app")))
-	env.start(t)
 
 	const hint = "refuses clients without -tls-cert and -tls-key"
 	code, _, stderr := runCmd("ctl", "-admin", adminAddr, "-tls-ca", serverCA.CertFile, "status")
@@ -391,13 +385,7 @@ func TestCtlNamesMissingClientCertificate(t *testing.T) {
 // verify never reached that point, and the hint would send the operator
 // after client certificates instead of the address or -tls-ca.
 func TestCtlClientCertificateHintOnlyAfterTLS(t *testing.T) {
-	serverCA, clientCA := testpki.NewCA(t), testpki.NewCA(t)
-	server := serverCA.Leaf(t, "127.0.0.1")
-	adminAddr := freeAddr(t)
-	env := newEnv(t)
-	env.admin = fmt.Sprintf("listen = %q\ntls_cert = %q\ntls_key = %q\nclient_ca = %q\n", adminAddr, server.CertFile, server.KeyFile, clientCA.CertFile)
-	env.writeConfig(t, "5s", l4Listener(freeAddr(t), "app.test", testnet.NamedBackend(t, "app")))
-	env.start(t)
+	adminAddr, serverCA, _ := startMutualTLSAdmin(t)
 
 	const hint = "refuses clients without -tls-cert and -tls-key"
 	for _, tc := range []struct {
@@ -457,4 +445,19 @@ func TestCtlFlagMistakes(t *testing.T) {
 	if code, _, stderr := runCmd("ctl", "-admin", "unix:"+env.sock, "status"); code != 0 {
 		t.Fatalf("ctl -admin unix:%s status: exit %d\n%s", env.sock, code, stderr)
 	}
+}
+
+// startMutualTLSAdmin starts a daemon whose admin API listens on TCP and
+// wants client certificates signed by clientCA; its own certificate is
+// signed by serverCA.
+func startMutualTLSAdmin(t *testing.T) (adminAddr string, serverCA, clientCA *testpki.CA) {
+	t.Helper()
+	serverCA, clientCA = testpki.NewCA(t), testpki.NewCA(t)
+	server := serverCA.Leaf(t, "127.0.0.1")
+	adminAddr = freeAddr(t)
+	env := newEnv(t)
+	env.admin = fmt.Sprintf("listen = %q\ntls_cert = %q\ntls_key = %q\nclient_ca = %q\n", adminAddr, server.CertFile, server.KeyFile, clientCA.CertFile)
+	env.writeConfig(t, "5s", l4Listener(freeAddr(t), "app.test", testnet.NamedBackend(t, "app")))
+	env.start(t)
+	return adminAddr, serverCA, clientCA
 }
