@@ -212,7 +212,7 @@ func (s *Server) serveRaw(snap *Snapshot, lc *listenerConfig, rl *runningListene
 	}
 	c, err := netConn(fd, true)
 	if err != nil {
-		s.rejectLog.log(s.log, slog.LevelError, "accept", "connection dropped", "listener", lc.name, "client", peer, "err", err)
+		a.dropped(err)
 		a.end()
 		return
 	}
@@ -227,6 +227,12 @@ func (s *Server) serveRaw(snap *Snapshot, lc *listenerConfig, rl *runningListene
 			a.end()
 		}
 	}()
+}
+
+// dropped logs a connection net could not take from a loop (out of
+// descriptors), which netConn has reset.
+func (a *accepted) dropped(err error) {
+	a.s.rejectLog.log(a.s.log, slog.LevelError, "accept", "connection dropped", "listener", a.lc.name, "client", a.client, "err", err)
 }
 
 // loopHandshake is a connection's state in its loop until the relay
@@ -546,7 +552,7 @@ func (l *eventLoop) handOver(c *loopConn) {
 	if err != nil {
 		hs.release()
 		l.later(func() {
-			a.s.rejectLog.log(a.s.log, slog.LevelError, "accept", "connection dropped", "listener", a.lc.name, "client", a.client, "err", err)
+			a.dropped(err)
 			a.end()
 		})
 		return

@@ -28,7 +28,3 @@ func (s *Server) serveRaw(*Snapshot, *listenerConfig, *runningListener, int, net
 
 func closeFD(int) {}
 func resetFD(int) {}
-
-func netConn(int, bool) (*net.TCPConn, error) {
-	return nil, errors.New("proxy: no bare descriptors on this platform")
-}

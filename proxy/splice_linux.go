@@ -179,8 +179,8 @@ func limitUnsent(fd uintptr) {
 // release.
 func (s *splicer) close() {
 	if s != nil && s.rfd >= 0 {
-		syscall.RawSyscall(syscall.SYS_CLOSE, uintptr(s.rfd), 0, 0)
-		syscall.RawSyscall(syscall.SYS_CLOSE, uintptr(s.wfd), 0, 0)
+		closeFD(s.rfd)
+		closeFD(s.wfd)
 		s.rfd, s.wfd = -1, -1
 	}
 }
