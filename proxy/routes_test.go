@@ -55,3 +55,22 @@ func BenchmarkRouteLookup(b *testing.B) {
 		}
 	}
 }
+
+// TestLiteralAddr: only a backend given as an address, unzoned, is
+// dialed by an event loop itself; a host name is left to net, which
+// resolves it on every dial.
+func TestLiteralAddr(t *testing.T) {
+	for _, tc := range []struct{ backend, want string }{
+		{"127.0.0.1:9001", "127.0.0.1:9001"},
+		{"[::1]:443", "[::1]:443"},
+		{"[::ffff:192.0.2.1]:80", "192.0.2.1:80"},
+		{"localhost:9001", ""},
+		{"backend.internal:443", ""},
+		{"[fe80::1%eth0]:443", ""},
+	} {
+		got := literalAddr(tc.backend)
+		if (tc.want == "" && got.IsValid()) || (tc.want != "" && got.String() != tc.want) {
+			t.Errorf("literalAddr(%q) = %v, want %q", tc.backend, got, tc.want)
+		}
+	}
+}
